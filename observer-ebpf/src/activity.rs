@@ -1,0 +1,181 @@
+//! The per-socket activity map and the updates every probe backend shares.
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_socket_cookie,
+    },
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use observer_common::{Counter, DEFAULT_MAX_TRACKED_SOCKETS, SockActivity};
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_NOEXIST: u64 = 1;
+const IPPROTO_TCP: u16 = 6;
+const SOCK_STREAM: u16 = 1;
+
+/// Socket cookie -> activity. Sized by the agent at load time; entries are allocated on demand.
+#[map]
+static SOCKETS: HashMap<u64, SockActivity> =
+    HashMap::with_max_entries(DEFAULT_MAX_TRACKED_SOCKETS, BPF_F_NO_PREALLOC);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Process ids whose sends and receives are recorded when `FILTER_PIDS` is set.
+#[map]
+static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+// Set by the agent at load time (read-only data, so the verifier sees constants). The offsets come
+// from the running kernel's BTF: Rust BPF has no CO-RE relocations.
+#[unsafe(no_mangle)]
+static SK_PROTOCOL_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SK_TYPE_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FILTER_PIDS: u32 = 0;
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn cookie_of(sk: *mut c_void) -> u64 {
+    // Tracing programs get the BTF-typed variant of this helper, which takes a `struct sock *`.
+    unsafe { bpf_get_socket_cookie(sk) }
+}
+
+/// True when the current process is one the agent watches (always true without `--pid`).
+#[inline(always)]
+pub fn current_is_watched() -> bool {
+    if unsafe { read_volatile(&FILTER_PIDS) } == 0 {
+        return true;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    unsafe { WATCHED_PIDS.get(tgid) }.is_some()
+}
+
+/// Only TCP stream sockets belong in the map: the generic send/receive tracepoints also fire for
+/// UNIX and UDP sockets, whose entries would never be removed by tcp_destroy_sock.
+#[inline(always)]
+fn is_tcp_stream(sk: *const u8) -> bool {
+    let protocol_at = unsafe { read_volatile(&SK_PROTOCOL_OFFSET) } as usize;
+    let type_at = unsafe { read_volatile(&SK_TYPE_OFFSET) } as usize;
+    if protocol_at == 0 || type_at == 0 {
+        return false;
+    }
+    let protocol = unsafe { bpf_probe_read_kernel(sk.add(protocol_at).cast::<u16>()) };
+    let sock_type = unsafe { bpf_probe_read_kernel(sk.add(type_at).cast::<u16>()) };
+    matches!((protocol, sock_type), (Ok(IPPROTO_TCP), Ok(SOCK_STREAM)))
+}
+
+/// Whether the caller has already established that `sk` is a TCP socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    Tcp,
+    Unchecked,
+}
+
+/// The socket's activity entry, created if the socket is TCP and not yet tracked. A full map is
+/// counted in `Counter::TrackFailed` so the agent can report it.
+#[inline(always)]
+pub fn entry(sk: *mut c_void, cookie: u64, known: Known) -> Option<*mut SockActivity> {
+    if let Some(found) = existing(cookie) {
+        return Some(found);
+    }
+    if known == Known::Unchecked && !is_tcp_stream(sk.cast()) {
+        return None;
+    }
+    let fresh = SockActivity {
+        first_seen_ns: now_ns(),
+        ..SockActivity::default()
+    };
+    // NOEXIST: another CPU may have created it meanwhile; then we use theirs below.
+    if SOCKETS.insert(cookie, fresh, BPF_NOEXIST).is_err() && SOCKETS.get_ptr(cookie).is_none() {
+        count(Counter::TrackFailed);
+        return None;
+    }
+    SOCKETS.get_ptr_mut(cookie)
+}
+
+#[inline(always)]
+pub fn existing(cookie: u64) -> Option<*mut SockActivity> {
+    SOCKETS.get_ptr_mut(cookie)
+}
+
+pub fn forget(cookie: u64) {
+    let _ = SOCKETS.remove(cookie);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Send,
+    Recv,
+}
+
+/// Application data moved through the socket in the current thread.
+#[inline(always)]
+pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64) {
+    let now = now_ns();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Updated in place through the map pointer: no second map operation on the hot path.
+    unsafe {
+        let (stamp, total) = match direction {
+            Direction::Send => (&raw mut (*entry).last_send_ns, &raw mut (*entry).bytes_sent),
+            Direction::Recv => (
+                &raw mut (*entry).last_recv_ns,
+                &raw mut (*entry).bytes_received,
+            ),
+        };
+        *stamp = now;
+        // Two threads may send on one socket at once; the byte count must not lose either.
+        atomic_add(total, bytes);
+        (*entry).last_tgid = (pid_tgid >> 32) as u32;
+        (*entry).last_tid = pid_tgid as u32;
+        (*entry).last_comm = comm;
+    }
+}
+
+#[inline(always)]
+pub fn record_retransmit(entry: *mut SockActivity) {
+    unsafe {
+        (*entry).last_retransmit_ns = now_ns();
+        // Retransmits of one socket run under its lock: a plain increment does not race.
+        (*entry).retransmits = (*entry).retransmits.wrapping_add(1);
+    }
+}
+
+#[inline(always)]
+pub fn record_state(entry: *mut SockActivity, state: u32) {
+    unsafe {
+        (*entry).state = state;
+        (*entry).state_since_ns = now_ns();
+    }
+}
+
+/// `*target += value` as one BPF atomic instruction.
+#[inline(always)]
+unsafe fn atomic_add(target: *mut u64, value: u64) {
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        use core::intrinsics::{AtomicOrdering, atomic_xadd};
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value);
+    }
+    // The host build only type-checks this crate; it never runs.
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *target += value
+    };
+}

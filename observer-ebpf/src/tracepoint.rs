@@ -1,0 +1,94 @@
+//! The `tracepoint` backend: BTF tracepoints, which need no kprobes or function tracing. The socket
+//! tracepoints sock_send_length / sock_recv_length (Linux 6.3+) run in the thread that sent or
+//! received, which is what lets the agent name the thread.
+use core::ffi::c_void;
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use observer_common::{Counter, tcp_state};
+
+use crate::activity::{self, Direction, Known};
+
+const MSG_PEEK: i32 = 2;
+
+// sock_send_length(struct sock *sk, int ret, int flags)
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn observer_tp_send(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_data(&ctx, Direction::Send);
+    0
+}
+
+// sock_recv_length(struct sock *sk, int ret, int flags)
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn observer_tp_recv(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_data(&ctx, Direction::Recv);
+    0
+}
+
+fn try_data(ctx: &BtfTracePointContext, direction: Direction) -> Result<(), ()> {
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    // Errors (EAGAIN above all), EOF and peeks move no data: leave before any map work.
+    if ret <= 0 || (direction == Direction::Recv && flags & MSG_PEEK != 0) {
+        return Ok(());
+    }
+    if !activity::current_is_watched() {
+        return Ok(());
+    }
+    activity::count(match direction {
+        Direction::Send => Counter::SendEvents,
+        Direction::Recv => Counter::RecvEvents,
+    });
+    let sk: *mut c_void = ctx.arg(0);
+    let entry = activity::entry(sk, activity::cookie_of(sk), Known::Unchecked).ok_or(())?;
+    activity::record_data(entry, direction, ret as u64);
+    Ok(())
+}
+
+// tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb[, int err])
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn observer_tp_retransmit(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_retransmit(&ctx);
+    0
+}
+
+fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    activity::count(Counter::RetransmitEvents);
+    let sk: *mut c_void = ctx.arg(0);
+    let entry = activity::entry(sk, activity::cookie_of(sk), Known::Tcp).ok_or(())?;
+    activity::record_retransmit(entry);
+    Ok(())
+}
+
+// inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn observer_tp_state(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_state(&ctx);
+    0
+}
+
+fn try_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    activity::count(Counter::StateEvents);
+    let sk: *mut c_void = ctx.arg(0);
+    let new_state: i32 = ctx.arg(2);
+    let new_state = new_state as u32;
+    let cookie = activity::cookie_of(sk);
+    // A socket going to CLOSE is about to be destroyed (or already reset): update it, but do not
+    // start tracking it now. Every other transition is tracked, so CLOSE_WAIT and the like have
+    // an exact entry time. SCTP and MPTCP use this tracepoint too, hence the TCP check.
+    let entry = if new_state == tcp_state::CLOSE {
+        activity::existing(cookie)
+    } else {
+        activity::entry(sk, cookie, Known::Unchecked)
+    };
+    activity::record_state(entry.ok_or(())?, new_state);
+    Ok(())
+}
+
+// tcp_destroy_sock(struct sock *sk)
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn observer_tp_destroy(ctx: BtfTracePointContext) -> i32 {
+    activity::count(Counter::DestroyEvents);
+    let sk: *mut c_void = ctx.arg(0);
+    activity::forget(activity::cookie_of(sk));
+    0
+}
