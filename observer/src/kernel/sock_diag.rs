@@ -1,0 +1,377 @@
+//! sock_diag over netlink (NETLINK_SOCK_DIAG): the kernel's own table of TCP sockets, with queue
+//! sizes, tcp_info and the socket cookie the BPF programs key their maps by. This is what `ss`
+//! reads; SOCK_DESTROY on the same socket family is what `ss -K` sends.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use thiserror::Error;
+
+use super::tcp_info::TcpInfo;
+
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_SHUTDOWN: u16 = 8;
+
+const NLMSG_HDR_LEN: usize = 16;
+const SOCKID_LEN: usize = 48;
+const REQ_LEN: usize = 8 + SOCKID_LEN;
+const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+
+#[derive(Debug, Error)]
+pub enum DiagError {
+    #[error("cannot open a sock_diag netlink socket: {0}")]
+    Open(#[source] io::Error),
+    #[error("sock_diag request failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("sock_diag reply is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// One socket as sock_diag reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiagSocket {
+    pub family: u8,
+    pub state: u8,
+    /// Which timer is pending: 0 none, 1 retransmit, 2 keepalive, 3 TIME_WAIT, 4 zero-window probe.
+    pub timer: u8,
+    /// Milliseconds until that timer fires.
+    pub timer_expires_ms: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub interface: u32,
+    pub cookie: u64,
+    /// Bytes queued for reading (LISTEN: connections waiting in the accept queue).
+    pub rqueue: u32,
+    /// Bytes queued for sending (LISTEN: the accept queue's limit).
+    pub wqueue: u32,
+    pub uid: u32,
+    pub inode: u32,
+    /// shutdown(2) state: bit 0 receive side closed, bit 1 send side closed.
+    pub shutdown: Option<u8>,
+    pub tcp: Option<TcpInfo>,
+}
+
+/// Socket identity as sock_diag requests carry it (inet_diag_sockid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockId {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub interface: u32,
+    pub cookie: u64,
+}
+
+/// A NETLINK_SOCK_DIAG socket, bound to the network namespace it was created in.
+pub struct DiagSocketHandle {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl DiagSocketHandle {
+    pub fn open() -> Result<Self, DiagError> {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if raw < 0 {
+            return Err(DiagError::Open(io::Error::last_os_error()));
+        }
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+            seq: 0,
+        })
+    }
+
+    /// All TCP sockets of both address families whose state is in `states` (a bit per state).
+    pub fn dump_tcp(&mut self, states: u32) -> Result<Vec<DiagSocket>, DiagError> {
+        let mut sockets = Vec::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let request = encode_request(family, states, None);
+            self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request)?;
+            self.receive(|msg_type, payload| {
+                if msg_type == SOCK_DIAG_BY_FAMILY {
+                    sockets.push(parse_diag_msg(payload)?);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(sockets)
+    }
+
+    /// Destroys the one socket matching `id` exactly (cookie included), as `ss -K` does. The
+    /// kernel refuses with ESTALE if the cookie no longer names that socket.
+    pub fn destroy(&mut self, id: &SockId) -> Result<(), DiagError> {
+        let family = if id.local.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        } as u8;
+        let request = encode_request(family, u32::MAX, Some(id));
+        self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request)?;
+        self.receive(|_, _| Ok(()))
+    }
+
+    fn send(&mut self, msg_type: u16, flags: u16, payload: &[u8]) -> Result<(), DiagError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + payload.len());
+        msg.extend_from_slice(&((NLMSG_HDR_LEN + payload.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&msg_type.to_ne_bytes());
+        msg.extend_from_slice(&flags.to_ne_bytes());
+        msg.extend_from_slice(&self.seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(payload);
+        // The kernel's netlink address: pid 0.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: msg and addr outlive the call; lengths are theirs.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
+    /// Reads replies to the last request until DONE, an error, or (for acked requests) the ack.
+    fn receive(
+        &mut self,
+        mut on_message: impl FnMut(u16, &[u8]) -> Result<(), DiagError>,
+    ) -> Result<(), DiagError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err.into());
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= NLMSG_HDR_LEN {
+                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+                let msg_type = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+                let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
+                if len < NLMSG_HDR_LEN || len > rest.len() {
+                    return Err(DiagError::Malformed("netlink message length"));
+                }
+                let payload = &rest[NLMSG_HDR_LEN..len];
+                rest = &rest[align4(len).min(rest.len())..];
+                if seq != self.seq {
+                    continue; // a late reply to an earlier, abandoned request
+                }
+                match msg_type {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let errno = payload
+                            .get(0..4)
+                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                            .ok_or(DiagError::Malformed("netlink error message"))?;
+                        // errno 0 is the acknowledgement of a successful request.
+                        return if errno == 0 {
+                            Ok(())
+                        } else {
+                            Err(io::Error::from_raw_os_error(-errno).into())
+                        };
+                    }
+                    _ => on_message(msg_type, payload)?,
+                }
+            }
+        }
+    }
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn encode_request(family: u8, states: u32, id: Option<&SockId>) -> Vec<u8> {
+    let mut req = Vec::with_capacity(REQ_LEN);
+    req.push(family);
+    req.push(libc::IPPROTO_TCP as u8);
+    // Extensions wanted in the reply: bit (attribute - 1).
+    let extensions = (1u8 << (INET_DIAG_INFO - 1)) | (1u8 << (INET_DIAG_SHUTDOWN - 1));
+    req.push(extensions);
+    req.push(0);
+    req.extend_from_slice(&states.to_ne_bytes());
+    match id {
+        Some(id) => encode_sockid(&mut req, id),
+        None => req.resize(REQ_LEN, 0),
+    }
+    req
+}
+
+fn encode_sockid(out: &mut Vec<u8>, id: &SockId) {
+    out.extend_from_slice(&id.local.port().to_be_bytes());
+    out.extend_from_slice(&id.remote.port().to_be_bytes());
+    out.extend_from_slice(&ip_bytes(id.local.ip()));
+    out.extend_from_slice(&ip_bytes(id.remote.ip()));
+    out.extend_from_slice(&id.interface.to_ne_bytes());
+    // The cookie travels as two native-endian u32 halves, low half first.
+    out.extend_from_slice(&(id.cookie as u32).to_ne_bytes());
+    out.extend_from_slice(&((id.cookie >> 32) as u32).to_ne_bytes());
+}
+
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            b
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn parse_addr(family: u8, raw: &[u8], port: u16) -> SocketAddr {
+    if family == libc::AF_INET as u8 {
+        SocketAddr::new(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]).into(), port)
+    } else {
+        let octets: [u8; 16] = raw[..16].try_into().unwrap();
+        SocketAddr::new(Ipv6Addr::from(octets).into(), port)
+    }
+}
+
+/// Parses one inet_diag_msg and its attributes.
+pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
+    if payload.len() < DIAG_MSG_LEN {
+        return Err(DiagError::Malformed("short inet_diag_msg"));
+    }
+    let u32_at = |at: usize| u32::from_ne_bytes(payload[at..at + 4].try_into().unwrap());
+    let family = payload[0];
+    let id = &payload[4..4 + SOCKID_LEN];
+    let sport = u16::from_be_bytes([id[0], id[1]]);
+    let dport = u16::from_be_bytes([id[2], id[3]]);
+    let cookie = u64::from(u32::from_ne_bytes(id[40..44].try_into().unwrap()))
+        | u64::from(u32::from_ne_bytes(id[44..48].try_into().unwrap())) << 32;
+    let mut socket = DiagSocket {
+        family,
+        state: payload[1],
+        timer: payload[2],
+        local: parse_addr(family, &id[4..20], sport),
+        remote: parse_addr(family, &id[20..36], dport),
+        interface: u32::from_ne_bytes(id[36..40].try_into().unwrap()),
+        cookie,
+        timer_expires_ms: u32_at(52),
+        rqueue: u32_at(56),
+        wqueue: u32_at(60),
+        uid: u32_at(64),
+        inode: u32_at(68),
+        shutdown: None,
+        tcp: None,
+    };
+    let mut attrs = &payload[DIAG_MSG_LEN..];
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return Err(DiagError::Malformed("attribute length"));
+        }
+        let value = &attrs[4..len];
+        match kind {
+            INET_DIAG_INFO => socket.tcp = Some(TcpInfo::parse(value)),
+            INET_DIAG_SHUTDOWN => socket.shutdown = value.first().copied(),
+            _ => {}
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_msg(family: u8) -> Vec<u8> {
+        let id = SockId {
+            local: if family == libc::AF_INET as u8 {
+                "127.0.0.1:8080".parse().unwrap()
+            } else {
+                "[::1]:8080".parse().unwrap()
+            },
+            remote: if family == libc::AF_INET as u8 {
+                "10.1.2.3:51234".parse().unwrap()
+            } else {
+                "[2001:db8::7]:51234".parse().unwrap()
+            },
+            interface: 0,
+            cookie: 0x1_0000_0002,
+        };
+        let mut msg = vec![family, 1, 2, 0];
+        encode_sockid(&mut msg, &id);
+        for v in [7000u32, 5, 10, 1000, 4242] {
+            msg.extend_from_slice(&v.to_ne_bytes());
+        }
+        // INET_DIAG_SHUTDOWN attribute (len 5, padded to 8).
+        msg.extend_from_slice(&5u16.to_ne_bytes());
+        msg.extend_from_slice(&INET_DIAG_SHUTDOWN.to_ne_bytes());
+        msg.extend_from_slice(&[1, 0, 0, 0]);
+        msg
+    }
+
+    #[test]
+    fn parses_ipv4_message() {
+        let s = parse_diag_msg(&sample_msg(libc::AF_INET as u8)).unwrap();
+        assert_eq!(s.local.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.remote.to_string(), "10.1.2.3:51234");
+        assert_eq!((s.state, s.timer, s.timer_expires_ms), (1, 2, 7000));
+        assert_eq!((s.rqueue, s.wqueue, s.uid, s.inode), (5, 10, 1000, 4242));
+        assert_eq!(s.cookie, 0x1_0000_0002);
+        assert_eq!(s.shutdown, Some(1));
+        assert!(s.tcp.is_none());
+    }
+
+    #[test]
+    fn parses_ipv6_message() {
+        let s = parse_diag_msg(&sample_msg(libc::AF_INET6 as u8)).unwrap();
+        assert_eq!(s.local.to_string(), "[::1]:8080");
+        assert_eq!(s.remote.to_string(), "[2001:db8::7]:51234");
+    }
+
+    #[test]
+    fn rejects_truncated_messages() {
+        let msg = sample_msg(libc::AF_INET as u8);
+        assert!(parse_diag_msg(&msg[..40]).is_err());
+        let mut bad_attr = msg.clone();
+        let at = DIAG_MSG_LEN;
+        bad_attr[at..at + 2].copy_from_slice(&200u16.to_ne_bytes());
+        assert!(parse_diag_msg(&bad_attr).is_err());
+    }
+
+    #[test]
+    fn request_carries_cookie_halves() {
+        let id = SockId {
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            interface: 0,
+            cookie: 0xAABB_CCDD_0011_2233,
+        };
+        let req = encode_request(libc::AF_INET as u8, u32::MAX, Some(&id));
+        assert_eq!(req.len(), REQ_LEN);
+        assert_eq!(&req[8 + 40..8 + 44], &0x0011_2233u32.to_ne_bytes());
+        assert_eq!(&req[8 + 44..8 + 48], &0xAABB_CCDDu32.to_ne_bytes());
+    }
+}

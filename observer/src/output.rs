@@ -1,0 +1,287 @@
+//! The JSON-lines contract on stdout: one event object per line, flushed as it happens. Logs go to
+//! stderr. Field names here are relied on by users' pipelines and by the integration tests.
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    time::SystemTime,
+};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::{
+    alerts::Cleared,
+    detect::{Finding, Reason},
+    snapshot::{SocketView, state_name},
+    threads::ThreadInfo,
+};
+
+/// RFC 3339 UTC with milliseconds, e.g. 2026-11-22T19:22:23.123Z.
+pub fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Who and what a socket is: the fields every socket event carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub fd: Option<i32>,
+    pub cookie: u64,
+    pub local: String,
+    pub remote: String,
+    pub state: &'static str,
+}
+
+impl Identity {
+    pub fn of(socket: &SocketView) -> Self {
+        Identity {
+            pid: socket.owner.as_ref().map(|o| o.pid),
+            comm: socket.owner.as_ref().map(|o| o.comm.clone()),
+            fd: socket.owner.as_ref().map(|o| o.fd),
+            cookie: socket.cookie(),
+            local: socket.local().to_string(),
+            remote: socket.remote().to_string(),
+            state: state_name(socket.diag.state),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClearWhy {
+    ActivityResumed,
+    SocketClosed,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AlertEvent {
+    pub ts: String,
+    pub reason: Reason,
+    #[serde(flatten)]
+    pub identity: Identity,
+    pub idle_ms: Option<u64>,
+    pub last_send_ms: Option<u64>,
+    pub last_recv_ms: Option<u64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+    /// Reason-specific numbers (queue sizes, rates, ...).
+    #[serde(flatten)]
+    pub metrics: Map<String, Value>,
+    pub threads: Vec<ThreadInfo>,
+    pub detail: String,
+}
+
+impl AlertEvent {
+    pub fn new(
+        at: SystemTime,
+        now_ns: u64,
+        socket: &SocketView,
+        finding: &Finding,
+        threads: Vec<ThreadInfo>,
+    ) -> Self {
+        AlertEvent {
+            ts: timestamp(at),
+            reason: finding.reason,
+            identity: Identity::of(socket),
+            idle_ms: socket.idle_ms(now_ns),
+            last_send_ms: socket.last_send_ms(now_ns),
+            last_recv_ms: socket.last_recv_ms(now_ns),
+            bytes_sent: socket.bytes_sent(),
+            bytes_received: socket.bytes_received(),
+            retransmits: socket.retransmits(),
+            metrics: finding.metrics.clone(),
+            threads,
+            detail: finding.detail.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClearedEvent {
+    pub ts: String,
+    pub reason: Reason,
+    #[serde(flatten)]
+    pub identity: Identity,
+    pub why: ClearWhy,
+}
+
+impl ClearedEvent {
+    pub fn new(at: SystemTime, cleared: Cleared) -> Self {
+        ClearedEvent {
+            ts: timestamp(at),
+            reason: cleared.reason,
+            identity: cleared.identity,
+            why: cleared.why,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StartedEvent {
+    pub ts: String,
+    pub version: &'static str,
+    pub backend: &'static str,
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    pub kernel: String,
+    pub poll_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// The agent's own health, every `--stats-interval`.
+#[derive(Debug, Serialize)]
+pub struct StatsEvent {
+    pub ts: String,
+    pub polls: u64,
+    pub sockets: usize,
+    pub tracked: usize,
+    pub alerts_active: usize,
+    pub last_poll_ms: f64,
+    pub max_poll_ms: f64,
+    /// Per-probe event counts and failures, summed over CPUs since start.
+    pub probe_counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Started(StartedEvent),
+    Alert(AlertEvent),
+    AlertCleared(ClearedEvent),
+    TargetExited { ts: String, pid: u32 },
+    Stats(StatsEvent),
+    Stopped { ts: String, reason: &'static str },
+}
+
+/// Writes events as JSON lines, flushing each so a pipe reader sees it at once.
+pub struct Output<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Output<W> {
+    pub fn new(out: W) -> Self {
+        Output { out }
+    }
+
+    pub fn emit(&mut self, event: &Event) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, event)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::fixtures::*;
+
+    fn emit(event: &Event) -> Value {
+        let mut out = Output::new(Vec::new());
+        out.emit(event).unwrap();
+        let text = String::from_utf8(out.out).unwrap();
+        assert!(
+            text.ends_with('\n') && text.matches('\n').count() == 1,
+            "one line: {text}"
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn alert_has_every_contract_field() {
+        let socket = socket(7, 1, 61_000, 62_000);
+        let finding = Finding {
+            cookie: 7,
+            reason: Reason::Idle,
+            detail: "quiet".into(),
+            metrics: Map::new(),
+        };
+        let threads = vec![ThreadInfo {
+            tid: 9,
+            name: "worker".into(),
+            blocked_in: Some("read"),
+            last_io_ms: None,
+        }];
+        let v = emit(&Event::Alert(AlertEvent::new(
+            SystemTime::UNIX_EPOCH,
+            NOW_NS,
+            &socket,
+            &finding,
+            threads,
+        )));
+        assert_eq!(v["event"], "alert");
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["reason"], "idle");
+        assert_eq!((v["pid"].as_u64(), v["fd"].as_u64()), (Some(42), Some(10)));
+        assert_eq!(v["comm"], "server");
+        assert_eq!(v["cookie"], 7);
+        assert_eq!(v["local"], "127.0.0.1:8080");
+        assert_eq!(v["remote"], "127.0.0.1:40007");
+        assert_eq!(v["state"], "ESTABLISHED");
+        assert_eq!(
+            (v["idle_ms"].as_u64(), v["last_send_ms"].as_u64()),
+            (Some(61_000), Some(61_000))
+        );
+        assert_eq!(v["last_recv_ms"], 62_000);
+        assert_eq!(
+            (v["bytes_sent"].as_u64(), v["bytes_received"].as_u64()),
+            (Some(10), Some(20))
+        );
+        assert_eq!(v["retransmits"], 0);
+        assert_eq!(v["threads"][0]["tid"], 9);
+        assert_eq!(v["threads"][0]["name"], "worker");
+        assert_eq!(v["threads"][0]["blocked_in"], "read");
+        assert!(v["threads"][0].get("last_io_ms").is_none());
+        assert_eq!(v["detail"], "quiet");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed() {
+        let mut socket = socket(1, 1, 0, 0);
+        socket.diag.local = "[::1]:8080".parse().unwrap();
+        assert_eq!(Identity::of(&socket).local, "[::1]:8080");
+    }
+
+    #[test]
+    fn cleared_and_lifecycle_events() {
+        let cleared = Cleared {
+            identity: Identity::of(&socket(3, 1, 0, 0)),
+            reason: Reason::Idle,
+            why: ClearWhy::SocketClosed,
+        };
+        let v = emit(&Event::AlertCleared(ClearedEvent::new(
+            SystemTime::UNIX_EPOCH,
+            cleared,
+        )));
+        assert_eq!(
+            (v["event"].as_str(), v["why"].as_str()),
+            (Some("alert_cleared"), Some("socket_closed"))
+        );
+        assert_eq!(
+            (v["reason"].as_str(), v["cookie"].as_u64()),
+            (Some("idle"), Some(3))
+        );
+        let v = emit(&Event::TargetExited {
+            ts: "t".into(),
+            pid: 5,
+        });
+        assert_eq!(
+            (v["event"].as_str(), v["pid"].as_u64()),
+            (Some("target_exited"), Some(5))
+        );
+        let v = emit(&Event::Stopped {
+            ts: "t".into(),
+            reason: "signal",
+        });
+        assert_eq!(v["event"], "stopped");
+    }
+
+    #[test]
+    fn socket_without_known_owner_has_null_identity_fields() {
+        let mut s = socket(1, 1, 0, 0);
+        s.owner = None;
+        let v = serde_json::to_value(Identity::of(&s)).unwrap();
+        assert!(v["pid"].is_null() && v["fd"].is_null() && v["comm"].is_null());
+    }
+}

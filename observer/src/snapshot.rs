@@ -1,0 +1,182 @@
+//! One poll's joined view of the watched sockets: the kernel's table (sock_diag), what the probes
+//! recorded, and which process and fd own each socket. Everything downstream (detection, alerts,
+//! output) is a pure function of snapshots.
+use std::net::SocketAddr;
+
+use observer_common::SockActivity;
+
+use crate::{kernel::sock_diag::DiagSocket, procfs::Owner};
+
+#[derive(Clone, Debug)]
+pub struct SocketView {
+    pub diag: DiagSocket,
+    pub owner: Option<Owner>,
+    pub activity: Option<SockActivity>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken (the probes' clock).
+    pub taken_ns: u64,
+    pub sockets: Vec<SocketView>,
+}
+
+impl Snapshot {
+    pub fn find(&self, cookie: u64) -> Option<&SocketView> {
+        self.sockets.iter().find(|s| s.diag.cookie == cookie)
+    }
+}
+
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+fn ms_since(now_ns: u64, then_ns: u64) -> Option<u64> {
+    (then_ns != 0).then(|| now_ns.saturating_sub(then_ns) / 1_000_000)
+}
+
+impl SocketView {
+    pub fn cookie(&self) -> u64 {
+        self.diag.cookie
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.diag.local
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.diag.remote
+    }
+
+    /// Milliseconds since data last went out: the more recent of what the probes saw the
+    /// application send and what tcp_info says TCP last sent. tcp_info alone covers sockets
+    /// that were already open when the agent started.
+    pub fn last_send_ms(&self, now_ns: u64) -> Option<u64> {
+        let probe = self.activity.and_then(|a| ms_since(now_ns, a.last_send_ns));
+        let kernel = self.diag.tcp.map(|t| u64::from(t.last_data_sent_ms));
+        min_known(probe, kernel)
+    }
+
+    /// Milliseconds since data last came in (see [`Self::last_send_ms`]).
+    pub fn last_recv_ms(&self, now_ns: u64) -> Option<u64> {
+        let probe = self.activity.and_then(|a| ms_since(now_ns, a.last_recv_ns));
+        let kernel = self.diag.tcp.map(|t| u64::from(t.last_data_recv_ms));
+        min_known(probe, kernel)
+    }
+
+    /// Milliseconds since data moved in either direction.
+    pub fn idle_ms(&self, now_ns: u64) -> Option<u64> {
+        min_known(self.last_send_ms(now_ns), self.last_recv_ms(now_ns))
+    }
+
+    /// Bytes over the socket's whole life, from the kernel's counters.
+    pub fn bytes_sent(&self) -> u64 {
+        self.diag.tcp.map_or(0, |t| t.bytes_sent)
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.diag.tcp.map_or(0, |t| t.bytes_received)
+    }
+
+    pub fn retransmits(&self) -> u64 {
+        self.diag.tcp.map_or(0, |t| u64::from(t.total_retrans))
+    }
+}
+
+fn min_known(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+pub mod fixtures {
+    //! Synthetic sockets for the pure tests.
+    use super::*;
+    use crate::kernel::tcp_info::TcpInfo;
+
+    pub const NOW_NS: u64 = 1_000_000_000_000;
+
+    pub fn socket(cookie: u64, state: u8, last_sent_ms: u32, last_recv_ms: u32) -> SocketView {
+        SocketView {
+            diag: DiagSocket {
+                family: libc::AF_INET as u8,
+                state,
+                timer: 0,
+                timer_expires_ms: 0,
+                local: "127.0.0.1:8080".parse().unwrap(),
+                remote: format!("127.0.0.1:{}", 40000 + cookie).parse().unwrap(),
+                interface: 0,
+                cookie,
+                rqueue: 0,
+                wqueue: 0,
+                uid: 0,
+                inode: 1000 + cookie as u32,
+                shutdown: None,
+                tcp: Some(TcpInfo {
+                    state,
+                    last_data_sent_ms: last_sent_ms,
+                    last_data_recv_ms: last_recv_ms,
+                    bytes_sent: 10,
+                    bytes_received: 20,
+                    ..TcpInfo::default()
+                }),
+            },
+            owner: Some(Owner {
+                pid: 42,
+                fd: 3 + cookie as i32,
+                comm: "server".into(),
+            }),
+            activity: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+
+    #[test]
+    fn kernel_times_cover_sockets_the_probes_never_saw() {
+        let s = socket(1, 1, 5000, 7000);
+        assert_eq!(s.last_send_ms(NOW_NS), Some(5000));
+        assert_eq!(s.last_recv_ms(NOW_NS), Some(7000));
+        assert_eq!(s.idle_ms(NOW_NS), Some(5000));
+    }
+
+    #[test]
+    fn the_more_recent_of_probe_and_kernel_time_wins() {
+        let mut s = socket(1, 1, 5000, 7000);
+        s.activity = Some(SockActivity {
+            last_send_ns: NOW_NS - 9_000_000_000,
+            last_recv_ns: NOW_NS - 200_000_000,
+            ..SockActivity::default()
+        });
+        assert_eq!(
+            s.last_send_ms(NOW_NS),
+            Some(5000),
+            "kernel sent more recently than the app"
+        );
+        assert_eq!(
+            s.last_recv_ms(NOW_NS),
+            Some(200),
+            "the app read more recently"
+        );
+        assert_eq!(s.idle_ms(NOW_NS), Some(200));
+    }
+}

@@ -1,0 +1,127 @@
+//! Facts about the machine the agent runs on: privileges, clocks, kernel release, tracefs.
+use std::path::Path;
+
+use nix::time::{ClockId, clock_gettime};
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock bpf_ktime_get_ns() reads.
+pub fn monotonic_ns() -> u64 {
+    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Capabilities the agent may need, with the capability number and what it is for.
+pub const CAPABILITIES: &[(&str, u32, &str)] = &[
+    ("CAP_BPF", 39, "load BPF programs and maps"),
+    ("CAP_PERFMON", 38, "attach tracing programs"),
+    (
+        "CAP_SYS_PTRACE",
+        19,
+        "read other processes' fds and threads in /proc",
+    ),
+    ("CAP_NET_ADMIN", 12, "destroy sockets through sock_diag"),
+    (
+        "CAP_SYS_ADMIN",
+        21,
+        "enter other network namespaces; stands in for CAP_BPF/CAP_PERFMON",
+    ),
+];
+
+/// The effective capability set of this process.
+pub fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn has_capability(effective: u64, name: &str) -> bool {
+    CAPABILITIES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .is_some_and(|(_, bit, _)| effective & (1 << bit) != 0)
+}
+
+/// What `watch` lacks to run, by capability name; empty when it can run.
+pub fn missing_for_watch(effective: u64) -> Vec<&'static str> {
+    let has = |name| has_capability(effective, name);
+    let admin = has("CAP_SYS_ADMIN");
+    let mut missing = Vec::new();
+    if !(has("CAP_BPF") || admin) {
+        missing.push("CAP_BPF");
+    }
+    if !(has("CAP_PERFMON") || admin) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has("CAP_SYS_PTRACE") {
+        missing.push("CAP_SYS_PTRACE");
+    }
+    missing
+}
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+pub fn tracefs_mounted() -> bool {
+    Path::new(TRACEFS).join("events").is_dir()
+}
+
+/// Mounts tracefs where the kernel expects it, if it is not there yet.
+pub fn mount_tracefs() -> nix::Result<()> {
+    if tracefs_mounted() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it. Raising it is
+/// best effort (it needs CAP_SYS_RESOURCE).
+pub fn raise_memlock_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    let _ = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_bits() {
+        let all = u64::MAX;
+        assert!(missing_for_watch(all).is_empty());
+        assert_eq!(
+            missing_for_watch(0),
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]
+        );
+        let admin_and_ptrace = (1 << 21) | (1 << 19);
+        assert!(
+            missing_for_watch(admin_and_ptrace).is_empty(),
+            "SYS_ADMIN covers BPF and PERFMON"
+        );
+    }
+
+    #[test]
+    fn monotonic_clock_moves_forward() {
+        let a = monotonic_ns();
+        assert!(monotonic_ns() >= a);
+    }
+}

@@ -1,0 +1,139 @@
+//! Which threads are stuck with a socket: those blocked in a call on its fd right now, or failing
+//! that, the one that last sent or received on it.
+use serde::Serialize;
+
+use observer_common::SockActivity;
+
+use crate::procfs::{Owner, ThreadState};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ThreadInfo {
+    pub tid: u32,
+    pub name: String,
+    /// The call the thread is blocked in on this socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_in: Option<&'static str>,
+    /// For a thread that is not blocked on the socket: how long ago it last moved data on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_io_ms: Option<u64>,
+}
+
+pub fn attribute(
+    owner: &Owner,
+    threads: &[ThreadState],
+    activity: Option<&SockActivity>,
+    now_ns: u64,
+) -> Vec<ThreadInfo> {
+    let blocked: Vec<ThreadInfo> = threads
+        .iter()
+        .filter_map(|t| {
+            let call = t.blocked.filter(|b| b.fd == owner.fd)?;
+            Some(ThreadInfo {
+                tid: t.tid,
+                name: t.name.clone(),
+                blocked_in: Some(call.syscall),
+                last_io_ms: None,
+            })
+        })
+        .collect();
+    if !blocked.is_empty() {
+        return blocked;
+    }
+    let Some(last) = activity.filter(|a| a.last_tid != 0 && a.last_tgid == owner.pid) else {
+        return vec![];
+    };
+    let name = threads
+        .iter()
+        .find(|t| t.tid == last.last_tid)
+        .map(|t| t.name.clone())
+        .unwrap_or_else(|| comm_str(&last.last_comm));
+    let last_io_ns = last.last_send_ns.max(last.last_recv_ns);
+    Some(ThreadInfo {
+        tid: last.last_tid,
+        name,
+        blocked_in: None,
+        last_io_ms: Some(now_ns.saturating_sub(last_io_ns) / 1_000_000),
+    })
+    .into_iter()
+    .collect()
+}
+
+fn comm_str(raw: &[u8; 16]) -> String {
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..len]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::BlockedCall;
+
+    fn owner() -> Owner {
+        Owner {
+            pid: 100,
+            fd: 7,
+            comm: "srv".into(),
+        }
+    }
+
+    fn thread(tid: u32, name: &str, blocked: Option<(&'static str, i32)>) -> ThreadState {
+        ThreadState {
+            tid,
+            name: name.into(),
+            blocked: blocked.map(|(syscall, fd)| BlockedCall { syscall, fd }),
+        }
+    }
+
+    #[test]
+    fn threads_blocked_on_the_socket_fd_are_named() {
+        let threads = [
+            thread(100, "main", Some(("accept4", 3))),
+            thread(101, "worker-1", Some(("read", 7))),
+            thread(102, "worker-2", Some(("read", 8))),
+        ];
+        let got = attribute(&owner(), &threads, None, 0);
+        assert_eq!(
+            got,
+            vec![ThreadInfo {
+                tid: 101,
+                name: "worker-1".into(),
+                blocked_in: Some("read"),
+                last_io_ms: None
+            }]
+        );
+    }
+
+    #[test]
+    fn without_a_blocked_thread_the_last_thread_to_do_io_is_named() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"gone");
+        let activity = SockActivity {
+            last_tgid: 100,
+            last_tid: 105,
+            last_recv_ns: 4_000_000_000,
+            last_comm: comm,
+            ..Default::default()
+        };
+        let got = attribute(
+            &owner(),
+            &[thread(100, "main", None)],
+            Some(&activity),
+            5_000_000_000,
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].tid, got[0].name.as_str(), got[0].last_io_ms),
+            (105, "gone", Some(1000))
+        );
+    }
+
+    #[test]
+    fn io_by_another_process_is_not_attributed_to_the_owner() {
+        let activity = SockActivity {
+            last_tgid: 999,
+            last_tid: 999,
+            ..Default::default()
+        };
+        assert!(attribute(&owner(), &[], Some(&activity), 0).is_empty());
+    }
+}

@@ -1,0 +1,245 @@
+//! `observer watch`: the poll loop. Each tick: collect -> snapshot -> detect -> alerts -> report.
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::MissedTickBehavior,
+};
+
+use crate::{
+    alerts::{AlertBook, Cleared},
+    btf::Btf,
+    cli::WatchArgs,
+    collect::Collector,
+    detect::{Rules, detect},
+    output::{
+        AlertEvent, ClearWhy, ClearedEvent, Event, Output, StartedEvent, StatsEvent, timestamp,
+    },
+    probes::{Backend, LoadOptions, Probes},
+    procfs::{self, ProcessIdentity},
+    snapshot::Snapshot,
+    system, threads,
+};
+
+/// Consecutive failed polls after which the agent gives up instead of silently seeing nothing.
+const MAX_FAILED_POLLS: u32 = 10;
+
+pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+    let missing = system::missing_for_watch(system::effective_capabilities());
+    if !missing.is_empty() {
+        bail!(
+            "observer needs root to watch sockets (missing {}): run it with sudo",
+            missing.join(", ")
+        );
+    }
+    let mut targets = Vec::new();
+    for &pid in &args.pids {
+        targets.push(ProcessIdentity::of(pid)?);
+    }
+    system::raise_memlock_limit();
+    let btf = Btf::from_kernel()?;
+    let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
+    let options = LoadOptions {
+        pids: pids.clone(),
+        max_sockets: args.max_sockets,
+    };
+    let probes = Probes::load(Backend::Tracepoint, &options, &btf)?;
+    let mut collector = Collector::new(&pids, &args.ports)?;
+    let mut watch = Watch {
+        rules: Rules {
+            idle_timeout: args.idle_timeout,
+        },
+        book: AlertBook::default(),
+        out: Output::new(std::io::stdout().lock()),
+        probes,
+        stats: Stats::default(),
+    };
+
+    watch.emit(Event::Started(StartedEvent {
+        ts: timestamp(SystemTime::now()),
+        version: env!("CARGO_PKG_VERSION"),
+        backend: watch.probes.backend().name(),
+        pids: pids.clone(),
+        ports: args.ports.clone(),
+        kernel: system::kernel_release(),
+        poll_interval_ms: args.poll_interval.as_millis() as u64,
+        idle_timeout_ms: args.idle_timeout.as_millis() as u64,
+    }))?;
+    log::info!(
+        "watching {} with the {} backend",
+        if pids.is_empty() {
+            "every TCP socket".to_owned()
+        } else {
+            format!("pids {pids:?}")
+        },
+        watch.probes.backend().name()
+    );
+
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut ticks = tokio::time::interval(args.poll_interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_stats = Instant::now();
+    let mut failed_polls = 0;
+
+    let stop_reason = loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = interrupt.recv() => break "signal",
+            _ = terminate.recv() => break "signal",
+        }
+        let exited: Vec<u32> = targets
+            .iter()
+            .filter(|t| !t.is_alive())
+            .map(|t| t.pid)
+            .collect();
+        targets.retain(|t| !exited.contains(&t.pid));
+        collector.retain_pids(&targets.iter().map(|t| t.pid).collect::<Vec<_>>());
+
+        match watch.poll(&mut collector) {
+            Ok(()) => failed_polls = 0,
+            Err(err) => {
+                failed_polls += 1;
+                log::warn!("poll failed ({failed_polls} in a row): {err:#}");
+                if failed_polls >= MAX_FAILED_POLLS {
+                    return Err(err.context(format!("{MAX_FAILED_POLLS} polls in a row failed")));
+                }
+            }
+        }
+        for pid in exited {
+            watch.emit(Event::TargetExited {
+                ts: timestamp(SystemTime::now()),
+                pid,
+            })?;
+        }
+        if !pids.is_empty() && targets.is_empty() {
+            let leftovers = watch.book.clear_all(ClearWhy::SocketClosed);
+            watch.emit_cleared(leftovers)?;
+            break "targets_exited";
+        }
+        if !args.stats_interval.is_zero() && last_stats.elapsed() >= args.stats_interval {
+            last_stats = Instant::now();
+            watch.emit_stats()?;
+        }
+    };
+    watch.emit(Event::Stopped {
+        ts: timestamp(SystemTime::now()),
+        reason: stop_reason,
+    })?;
+    // Dropping `watch` detaches and unloads every program.
+    Ok(())
+}
+
+struct Watch<W: Write> {
+    rules: Rules,
+    book: AlertBook,
+    out: Output<W>,
+    probes: Probes,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    polls: u64,
+    sockets: usize,
+    tracked: usize,
+    last_poll: Duration,
+    max_poll: Duration,
+}
+
+impl<W: Write> Watch<W> {
+    fn emit(&mut self, event: Event) -> anyhow::Result<()> {
+        self.out.emit(&event).context("stdout was closed; stopping")
+    }
+
+    fn emit_cleared(&mut self, cleared: Vec<Cleared>) -> anyhow::Result<()> {
+        for c in cleared {
+            self.emit(Event::AlertCleared(ClearedEvent::new(SystemTime::now(), c)))?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, collector: &mut Collector) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let snapshot = collector.collect(&self.probes)?;
+        let findings = detect(&snapshot, &self.rules);
+        let (raised, cleared) = self.book.update(&snapshot, &findings);
+        let elapsed = started.elapsed();
+        self.stats.polls += 1;
+        self.stats.sockets = snapshot.sockets.len();
+        self.stats.tracked = snapshot
+            .sockets
+            .iter()
+            .filter(|s| s.activity.is_some())
+            .count();
+        self.stats.last_poll = elapsed;
+        self.stats.max_poll = self.stats.max_poll.max(elapsed);
+
+        self.emit_cleared(cleared)?;
+        let now = SystemTime::now();
+        let mut thread_cache = HashMap::new();
+        let alerts: Vec<AlertEvent> = raised
+            .into_iter()
+            .filter_map(|finding| {
+                let socket = snapshot.find(finding.cookie)?;
+                let threads = thread_attribution(&snapshot, finding.cookie, &mut thread_cache);
+                Some(AlertEvent::new(
+                    now,
+                    snapshot.taken_ns,
+                    socket,
+                    finding,
+                    threads,
+                ))
+            })
+            .collect();
+        for alert in alerts {
+            self.emit(Event::Alert(alert))?;
+        }
+        Ok(())
+    }
+
+    fn emit_stats(&mut self) -> anyhow::Result<()> {
+        let probe_counters: BTreeMap<_, _> = self.probes.counters().into_iter().collect();
+        let event = StatsEvent {
+            ts: timestamp(SystemTime::now()),
+            polls: self.stats.polls,
+            sockets: self.stats.sockets,
+            tracked: self.stats.tracked,
+            alerts_active: self.book.active_count(),
+            last_poll_ms: self.stats.last_poll.as_secs_f64() * 1000.0,
+            max_poll_ms: self.stats.max_poll.as_secs_f64() * 1000.0,
+            probe_counters,
+        };
+        self.emit(Event::Stats(event))
+    }
+}
+
+/// The owner's threads stuck with this socket. /proc is read once per process per poll, and only
+/// for processes with a new alert.
+fn thread_attribution(
+    snapshot: &Snapshot,
+    cookie: u64,
+    cache: &mut HashMap<u32, Vec<procfs::ThreadState>>,
+) -> Vec<threads::ThreadInfo> {
+    let Some(socket) = snapshot.find(cookie) else {
+        return vec![];
+    };
+    let Some(owner) = &socket.owner else {
+        return vec![];
+    };
+    let process_threads = cache
+        .entry(owner.pid)
+        .or_insert_with(|| procfs::threads(owner.pid));
+    threads::attribute(
+        owner,
+        process_threads,
+        socket.activity.as_ref(),
+        snapshot.taken_ns,
+    )
+}
