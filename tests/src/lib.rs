@@ -1,0 +1,333 @@
+//! Harness for observer's integration tests: runs the real agent binary and the scenario
+//! programs, and waits (with deadlines, never fixed sleeps) for the JSON lines they print.
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The agent binary under test: $OBSERVER_BIN, or the release build `cargo xtask test` makes.
+pub fn observer_bin() -> PathBuf {
+    let path = std::env::var_os("OBSERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/observer")
+        });
+    assert!(
+        path.exists(),
+        "{} not found: run the integration tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// The scenario program, built next to the test executables (target/<profile>/scenario).
+pub fn scenario_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/scenario
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("scenario");
+    assert!(
+        path.exists(),
+        "{} not found: build it with `cargo build -p observer-tests`",
+        path.display()
+    );
+    path
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests load BPF programs and need root: run `sudo cargo xtask test`"
+    );
+}
+
+/// Lines of JSON from a child's stdout, read on a thread so waits can have deadlines.
+pub struct JsonLines {
+    rx: Receiver<Value>,
+    pub seen: Vec<Value>,
+}
+
+impl JsonLines {
+    fn new(stdout: ChildStdout, who: &'static str) -> Self {
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("{who} printed a line that is not JSON ({e}): {line}")
+                });
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        JsonLines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (already seen or still to come) that matches, waiting up to `deadline`.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Value, String> {
+        if let Some(v) = self.seen.iter().find(|v| matches(v)) {
+            return Ok(v.clone());
+        }
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if matches(&v) {
+                        return Ok(v);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "no {what} within {deadline:?}; saw:\n{}",
+                        self.dump()
+                    ));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!("output ended before {what}; saw:\n{}", self.dump()));
+                }
+            }
+        }
+    }
+
+    /// Takes in whatever has arrived so far without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(v) = self.rx.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
+    /// Waits for the stream to end (the process closed stdout).
+    pub fn read_to_end(&mut self, deadline: Duration) -> Result<(), String> {
+        let end = Instant::now() + deadline;
+        loop {
+            match self
+                .rx
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(v) => self.seen.push(v),
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("output did not end within {deadline:?}"));
+                }
+            }
+        }
+    }
+
+    pub fn dump(&self) -> String {
+        self.seen.iter().map(|v| format!("  {v}\n")).collect()
+    }
+}
+
+/// A running `observer` process.
+pub struct Agent {
+    child: Child,
+    pub out: JsonLines,
+    stderr: Receiver<String>,
+}
+
+impl Agent {
+    /// Starts `observer <args>` and waits for its `started` event.
+    pub fn start(args: &[&str]) -> Agent {
+        require_root();
+        let mut child = Command::new(observer_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn observer");
+        let out = JsonLines::new(child.stdout.take().unwrap(), "observer");
+        let mut err_pipe = child.stderr.take().unwrap();
+        let (tx, stderr) = channel();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err_pipe.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        let mut agent = Agent { child, out, stderr };
+        if let Err(e) = agent
+            .out
+            .wait_for("started event", Duration::from_secs(30), |v| {
+                v["event"] == "started"
+            })
+        {
+            let _ = agent.child.kill();
+            panic!(
+                "observer did not start: {e}\nstderr:\n{}",
+                agent.stderr_text()
+            );
+        }
+        agent
+    }
+
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Value {
+        match self.out.wait_for(what, deadline, matches) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("{e}\nobserver stderr:\n{}", self.stderr_text());
+            }
+        }
+    }
+
+    /// Waits for the agent to exit by itself.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for observer") {
+                self.out.read_to_end(Duration::from_secs(5)).unwrap();
+                return status;
+            }
+            if Instant::now() >= end {
+                let _ = self.child.kill();
+                panic!(
+                    "observer did not exit within {deadline:?}; output:\n{}",
+                    self.out.dump()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status once it has stopped.
+    pub fn stop(&mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    pub fn stderr_text(&mut self) -> String {
+        self.stderr
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running scenario program (see src/bin/scenario.rs).
+pub struct Scenario {
+    child: Child,
+    pub out: JsonLines,
+}
+
+impl Scenario {
+    pub fn start(args: &[&str]) -> Scenario {
+        let mut child = Command::new(scenario_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn scenario");
+        let out = JsonLines::new(child.stdout.take().unwrap(), "scenario");
+        Scenario { child, out }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_for(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        self.out
+            .wait_for(what, Duration::from_secs(10), matches)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn as_u64(v: &Value) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
+}
+
+/// BPF program ids the process `pid` holds open (from /proc/PID/fdinfo: program and link fds
+/// carry a `prog_id` line).
+pub fn bpf_prog_ids_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return vec![];
+    };
+    let mut ids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|info| {
+            info.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("prog_id:")
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Whether the kernel still has BPF program `id` loaded.
+pub fn bpf_prog_exists(id: u32) -> bool {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    // union bpf_attr for this command starts with the u32 prog_id; the rest must be zero.
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&id.to_ne_bytes());
+    // SAFETY: attr is a valid, zeroed bpf_attr of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: we own this fd.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
+}

@@ -1,0 +1,141 @@
+//! Project automation: `cargo xtask <command>`. Each command first sets up what it needs, so a
+//! fresh machine goes from clone to running agent or passing tests with one command.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+  setup            install what building needs: nightly rust-src, bpf-linker; mount tracefs
+  build            setup, then build target/release/observer (BPF programs embedded)
+  run -- ARGS      build, then run target/release/observer ARGS (as root)
+  test             setup, lint, unit tests, build, then the privileged integration tests";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("build") => build().map(drop),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A cargo command in the workspace that must build real BPF programs, never stubs.
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .env("OBSERVER_EBPF", "require");
+    cmd
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build() -> Result<PathBuf> {
+    setup::run()?;
+    status(&mut cargo(&["build", "--release", "--package", "observer"]))?;
+    let binary = workspace_root().join("target/release/observer");
+    eprintln!("xtask: built {}", binary.display());
+    Ok(binary)
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let args = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    let binary = build()?;
+    if !nix_is_root() {
+        bail!(
+            "observer needs root: run `sudo -E cargo xtask run -- {}`",
+            args.join(" ")
+        );
+    }
+    // Hand the terminal over: signals (Ctrl-C) reach the agent, and its exit code is ours.
+    let status = Command::new(&binary)
+        .args(args)
+        .status()
+        .context("cannot start observer")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn test() -> Result<()> {
+    setup::run()?;
+    status(&mut cargo(&["fmt", "--all", "--check"]))
+        .context("code is not rustfmt-formatted: run `cargo fmt --all`")?;
+    status(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Unit tests of the pure parts: no root needed.
+    status(&mut cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "observer-tests",
+    ]))?;
+    if !nix_is_root() {
+        bail!(
+            "the integration tests load BPF programs and need root: run `sudo -E cargo xtask test`"
+        );
+    }
+    let binary = build()?;
+    status(
+        cargo(&["test", "--release", "--package", "observer-tests"]).env("OBSERVER_BIN", &binary),
+    )?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,103 @@
+//! `cargo xtask setup`: the BPF toolchain (a nightly with rust-src, and the bpf-linker release
+//! built for that nightly's LLVM) and tracefs. Idempotent; it only installs what is missing.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::status;
+
+/// bpf-linker releases by the LLVM major version they load from the nightly toolchain.
+const BPF_LINKER_FOR_LLVM: &[(u32, &str)] = &[(22, "0.10.0")];
+
+pub fn run() -> Result<()> {
+    let llvm = nightly_llvm_major()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker(llvm)?;
+    mount_tracefs();
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly_llvm_major() -> Result<u32> {
+    let version = || output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]));
+    let text = match version() {
+        Some(text) => text,
+        None => {
+            eprintln!("xtask: no nightly toolchain; installing one (the BPF programs need it)");
+            status(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))
+            .context(
+                "cannot install a nightly toolchain: install one with rustup (with rust-src)",
+            )?;
+            version().context("the nightly toolchain does not run")?
+        }
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next()?.parse().ok())
+        .context("cannot read the nightly's LLVM version from `rustc +nightly -vV`")
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+            .context("cannot find the nightly sysroot")?;
+    if PathBuf::from(sysroot.trim())
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn ensure_bpf_linker(llvm: u32) -> Result<()> {
+    let Some(&(_, wanted)) = BPF_LINKER_FOR_LLVM.iter().find(|(major, _)| *major == llvm) else {
+        bail!(
+            "the nightly toolchain uses LLVM {llvm}, and xtask knows no bpf-linker release for it; \
+             find the bpf-linker release built for LLVM {llvm} and add it to BPF_LINKER_FOR_LLVM \
+             in xtask/src/setup.rs"
+        );
+    };
+    let installed = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if installed.split_whitespace().any(|word| word == wanted) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker {wanted} (for LLVM {llvm}; takes about 2 minutes)");
+    status(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{wanted}"),
+        "--locked",
+        "--force",
+    ]))
+    .context("cannot install bpf-linker")
+}
+
+/// The tracepoint backend does not need tracefs, but people inspecting tracepoint formats do,
+/// and this machine kind does not mount it at boot.
+fn mount_tracefs() {
+    if PathBuf::from("/sys/kernel/tracing/events").is_dir() {
+        return;
+    }
+    let mounted = Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("xtask: note: could not mount tracefs at /sys/kernel/tracing (not root?)");
+    }
+}
