@@ -16,11 +16,8 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let mode = env::var("OBSERVER_EBPF").unwrap_or_default();
 
-    let missing = if mode == "stub" {
-        Some("OBSERVER_EBPF=stub".to_owned())
-    } else {
-        missing_toolchain()
-    };
+    let missing =
+        if mode == "stub" { Some("OBSERVER_EBPF=stub".to_owned()) } else { missing_toolchain() };
     if let Some(why) = missing {
         if mode == "require" {
             anyhow::bail!("cannot build the eBPF programs: {why}. Run `cargo xtask setup`.");
@@ -40,11 +37,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed={}", common_dir.display());
     let ebpf_dir = ebpf_dir.to_str().expect("workspace path is UTF-8");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "observer-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "observer-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
 }

@@ -53,6 +53,109 @@ pub struct SockActivity {
     pub last_comm: [u8; 16],
 }
 
+/// The current (or last) socket call of a thread of a watched process, keyed by thread id.
+/// Lets the agent say how long a thread has been blocked on a socket, measured, not guessed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCall {
+    /// When the thread entered the call; 0 once it has returned.
+    pub enter_ns: u64,
+    /// Syscall number (the running architecture's numbering).
+    pub nr: u32,
+    /// The fd the call operates on (its first argument).
+    pub fd: i32,
+}
+
+/// What `TRACKED_SYSCALLS[nr]` says about a syscall.
+pub mod syscall_kind {
+    /// Not tracked.
+    pub const NONE: u32 = 0;
+    /// Blocks on the fd in its first argument (read, recvfrom, sendmsg, ...).
+    pub const FD_CALL: u32 = 1;
+    /// accept/accept4: also counted when they fail for lack of file descriptors.
+    pub const ACCEPT: u32 = 2;
+}
+
+/// Highest syscall number + 1 the syscall table covers.
+pub const MAX_SYSCALL_NR: u32 = 512;
+
+/// A TCP reset sent or received while data was still unread or unsent: the data is lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetEvent {
+    pub cookie: u64,
+    pub at_ns: u64,
+    /// Bytes received but not yet read by the application.
+    pub unread: u32,
+    /// Bytes written by the application but not yet acknowledged by the peer.
+    pub unsent: u32,
+    /// The thread in whose context it happened, or the socket's last user when that was
+    /// softirq context.
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+    /// [`RESET_SENT`] or [`RESET_RECEIVED`].
+    pub direction: u8,
+    /// TCP state when the reset happened.
+    pub state: u8,
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// IPv4 addresses use the first 4 bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+pub const RESET_SENT: u8 = 0;
+pub const RESET_RECEIVED: u8 = 1;
+
+/// Offsets in the running kernel's structs, read from its BTF by the agent and handed to the
+/// programs at load time (Rust BPF has no CO-RE relocations). 0 means unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub sk_protocol: u32,
+    pub sk_type: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    /// inet_sock.inet_sport: the local port (network order); unlike skc_num it survives the
+    /// socket's move to CLOSE, when the port binding is released.
+    pub inet_sport: u32,
+    pub skc_dport: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_snd_una: u32,
+    /// Offset in `struct pt_regs` of a syscall's first argument.
+    pub regs_arg0: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    pub const ZERO: KernelOffsets = KernelOffsets {
+        sk_protocol: 0,
+        sk_type: 0,
+        skc_family: 0,
+        skc_state: 0,
+        inet_sport: 0,
+        skc_dport: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        tcp_rcv_nxt: 0,
+        tcp_copied_seq: 0,
+        tcp_write_seq: 0,
+        tcp_snd_una: 0,
+        regs_arg0: 0,
+        _pad: 0,
+    };
+}
+
 /// Indexes of the per-CPU `COUNTERS` array: the agent's view of what the probes did and, above
 /// all, of what they could not do (a socket that could not be tracked is counted, never silent).
 #[repr(u32)]
@@ -65,10 +168,18 @@ pub enum Counter {
     DestroyEvents = 4,
     /// A socket could not be added to the activity map (map full or out of memory).
     TrackFailed = 5,
+    /// Resets that lost data, reported to the agent.
+    ResetEvents = 6,
+    /// Events dropped because the ring buffer to the agent was full.
+    EventsLost = 7,
+    /// A thread's socket call could not be recorded (thread map full).
+    ThreadTrackFailed = 8,
+    /// accept()/accept4() calls of watched processes that failed with EMFILE or ENFILE.
+    AcceptErrors = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::SendEvents,
         Counter::RecvEvents,
@@ -76,6 +187,10 @@ impl Counter {
         Counter::StateEvents,
         Counter::DestroyEvents,
         Counter::TrackFailed,
+        Counter::ResetEvents,
+        Counter::EventsLost,
+        Counter::ThreadTrackFailed,
+        Counter::AcceptErrors,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -86,14 +201,21 @@ impl Counter {
             Counter::StateEvents => "state_events",
             Counter::DestroyEvents => "destroy_events",
             Counter::TrackFailed => "track_failed",
+            Counter::ResetEvents => "reset_events",
+            Counter::EventsLost => "events_lost",
+            Counter::ThreadTrackFailed => "thread_track_failed",
+            Counter::AcceptErrors => "accept_errors",
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: repr(C), only integer fields, no implicit padding (checked by the test below).
+    // SAFETY: repr(C), only integer fields, no implicit padding (checked by the tests below).
     unsafe impl aya::Pod for super::SockActivity {}
+    unsafe impl aya::Pod for super::ThreadCall {}
+    unsafe impl aya::Pod for super::ResetEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
 #[cfg(test)]
@@ -105,6 +227,13 @@ mod tests {
         let fields = 7 * 8 + 4 * 4 + 16;
         assert_eq!(core::mem::size_of::<SockActivity>(), fields);
         assert_eq!(core::mem::align_of::<SockActivity>(), 8);
+    }
+
+    #[test]
+    fn shared_types_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<ThreadCall>(), 16);
+        assert_eq!(core::mem::size_of::<ResetEvent>(), 8 + 8 + 4 * 4 + 16 + 1 + 1 + 2 * 3 + 32);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 16 * 4);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use observer_common::{Counter, DEFAULT_MAX_TRACKED_SOCKETS, SockActivity};
+use observer_common::{Counter, DEFAULT_MAX_TRACKED_SOCKETS, KernelOffsets, SockActivity};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_NOEXIST: u64 = 1;
@@ -31,11 +31,23 @@ static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 // Set by the agent at load time (read-only data, so the verifier sees constants). The offsets come
 // from the running kernel's BTF: Rust BPF has no CO-RE relocations.
 #[unsafe(no_mangle)]
-static SK_PROTOCOL_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_TYPE_OFFSET: u32 = 0;
+pub(crate) static OFFSETS: KernelOffsets = KernelOffsets::ZERO;
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u32 = 0;
+
+/// One field of [`OFFSETS`], read so the compiler cannot fold it to the build-time zero.
+macro_rules! offset {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&raw const crate::activity::OFFSETS.$field) } as usize
+    };
+}
+pub(crate) use offset;
+
+/// Reads a `T` at `base + offset`; zero if the kernel refuses (the verifier requires the check).
+#[inline(always)]
+pub fn read_at<T: Default>(base: *const u8, offset: usize) -> T {
+    unsafe { bpf_probe_read_kernel(base.add(offset).cast::<T>()) }.unwrap_or_default()
+}
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -66,18 +78,20 @@ pub fn current_is_watched() -> bool {
     unsafe { WATCHED_PIDS.get(tgid) }.is_some()
 }
 
+#[inline(always)]
+pub fn lookup(cookie: u64) -> Option<&'static SockActivity> {
+    unsafe { SOCKETS.get(cookie) }
+}
+
 /// Only TCP stream sockets belong in the map: the generic send/receive tracepoints also fire for
 /// UNIX and UDP sockets, whose entries would never be removed by tcp_destroy_sock.
 #[inline(always)]
 fn is_tcp_stream(sk: *const u8) -> bool {
-    let protocol_at = unsafe { read_volatile(&SK_PROTOCOL_OFFSET) } as usize;
-    let type_at = unsafe { read_volatile(&SK_TYPE_OFFSET) } as usize;
+    let (protocol_at, type_at) = (offset!(sk_protocol), offset!(sk_type));
     if protocol_at == 0 || type_at == 0 {
         return false;
     }
-    let protocol = unsafe { bpf_probe_read_kernel(sk.add(protocol_at).cast::<u16>()) };
-    let sock_type = unsafe { bpf_probe_read_kernel(sk.add(type_at).cast::<u16>()) };
-    matches!((protocol, sock_type), (Ok(IPPROTO_TCP), Ok(SOCK_STREAM)))
+    read_at::<u16>(sk, protocol_at) == IPPROTO_TCP && read_at::<u16>(sk, type_at) == SOCK_STREAM
 }
 
 /// Whether the caller has already established that `sk` is a TCP socket.
@@ -97,10 +111,7 @@ pub fn entry(sk: *mut c_void, cookie: u64, known: Known) -> Option<*mut SockActi
     if known == Known::Unchecked && !is_tcp_stream(sk.cast()) {
         return None;
     }
-    let fresh = SockActivity {
-        first_seen_ns: now_ns(),
-        ..SockActivity::default()
-    };
+    let fresh = SockActivity { first_seen_ns: now_ns(), ..SockActivity::default() };
     // NOEXIST: another CPU may have created it meanwhile; then we use theirs below.
     if SOCKETS.insert(cookie, fresh, BPF_NOEXIST).is_err() && SOCKETS.get_ptr(cookie).is_none() {
         count(Counter::TrackFailed);
@@ -134,10 +145,7 @@ pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64) {
     unsafe {
         let (stamp, total) = match direction {
             Direction::Send => (&raw mut (*entry).last_send_ns, &raw mut (*entry).bytes_sent),
-            Direction::Recv => (
-                &raw mut (*entry).last_recv_ns,
-                &raw mut (*entry).bytes_received,
-            ),
+            Direction::Recv => (&raw mut (*entry).last_recv_ns, &raw mut (*entry).bytes_received),
         };
         *stamp = now;
         // Two threads may send on one socket at once; the byte count must not lose either.
@@ -167,7 +175,7 @@ pub fn record_state(entry: *mut SockActivity, state: u32) {
 
 /// `*target += value` as one BPF atomic instruction.
 #[inline(always)]
-unsafe fn atomic_add(target: *mut u64, value: u64) {
+pub unsafe fn atomic_add(target: *mut u64, value: u64) {
     #[cfg(target_arch = "bpf")]
     unsafe {
         use core::intrinsics::{AtomicOrdering, atomic_xadd};

@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod activity;
+mod resets;
+mod threads;
 mod tracepoint;
 
 #[cfg(not(target_arch = "bpf"))]

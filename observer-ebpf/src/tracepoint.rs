@@ -4,9 +4,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use observer_common::{Counter, tcp_state};
+use observer_common::{Counter, RESET_RECEIVED, RESET_SENT, tcp_state};
 
-use crate::activity::{self, Direction, Known};
+use crate::{
+    activity::{self, Direction, Known},
+    resets, threads,
+};
 
 const MSG_PEEK: i32 = 2;
 
@@ -90,5 +93,45 @@ pub fn observer_tp_destroy(ctx: BtfTracePointContext) -> i32 {
     activity::count(Counter::DestroyEvents);
     let sk: *mut c_void = ctx.arg(0);
     activity::forget(activity::cookie_of(sk));
+    0
+}
+
+// tcp_send_reset(const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn observer_tp_reset_sent(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let _ = resets::record(sk, RESET_SENT);
+    0
+}
+
+// tcp_receive_reset(struct sock *sk)
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn observer_tp_reset_received(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let _ = resets::record(sk, RESET_RECEIVED);
+    0
+}
+
+// sys_enter(struct pt_regs *regs, long id): attached only when watching given processes.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn observer_tp_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let nr: i64 = ctx.arg(1);
+    threads::enter(regs, nr);
+    0
+}
+
+// sys_exit(struct pt_regs *regs, long ret)
+#[btf_tracepoint(function = "sys_exit")]
+pub fn observer_tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let ret: i64 = ctx.arg(1);
+    threads::exit(ret);
+    0
+}
+
+// sched_process_exit(struct task_struct *p[, bool group_dead]): runs as the exiting thread.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn observer_tp_thread_exit(_ctx: BtfTracePointContext) -> i32 {
+    threads::thread_exit();
     0
 }

@@ -83,9 +83,7 @@ impl Btf {
         let type_end = type_start + u32_at(12)? as usize;
         let str_start = hdr_len + u32_at(16)? as usize;
         let str_end = str_start + u32_at(20)? as usize;
-        let strings = data
-            .get(str_start..str_end)
-            .ok_or(BtfError::Malformed("string section"))?;
+        let strings = data.get(str_start..str_end).ok_or(BtfError::Malformed("string section"))?;
         let name = |off: u32| -> String {
             let tail = strings.get(off as usize..).unwrap_or_default();
             let len = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
@@ -93,12 +91,7 @@ impl Btf {
         };
 
         // Type id 0 is `void`.
-        let mut types = vec![Type {
-            kind: 0,
-            name: String::new(),
-            referenced: 0,
-            members: vec![],
-        }];
+        let mut types = vec![Type { kind: 0, name: String::new(), referenced: 0, members: vec![] }];
         let mut at = type_start;
         while at < type_end {
             let name_off = u32_at(at)?;
@@ -118,11 +111,7 @@ impl Btf {
                         members.push(Member {
                             name: name(u32_at(at)?),
                             type_id: u32_at(at + 4)?,
-                            bit_offset: if bitfield_members {
-                                offset & 0xff_ffff
-                            } else {
-                                offset
-                            },
+                            bit_offset: if bitfield_members { offset & 0xff_ffff } else { offset },
                         });
                         at += 12;
                     }
@@ -132,12 +121,7 @@ impl Btf {
                 0..=KIND_ENUM64 => {}
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             }
-            types.push(Type {
-                kind,
-                name: name(name_off),
-                referenced: size_or_type,
-                members,
-            });
+            types.push(Type { kind, name: name(name_off), referenced: size_or_type, members });
         }
         let by_name = types
             .iter()
@@ -151,8 +135,7 @@ impl Btf {
     /// Whether the kernel declares tracepoint `name` (every tracepoint has a `btf_trace_<name>`
     /// typedef, which is also what a BTF tracepoint program attaches by).
     pub fn has_tracepoint(&self, name: &str) -> bool {
-        self.by_name
-            .contains_key(&(KIND_TYPEDEF, format!("btf_trace_{name}")))
+        self.by_name.contains_key(&(KIND_TYPEDEF, format!("btf_trace_{name}")))
     }
 
     /// Byte offset of `path` (e.g. `["__sk_common", "skc_family"]`) inside `struct struct_name`.
@@ -214,11 +197,7 @@ mod tests {
         let mut strings = b"\0int\0a\0b\0outer\0inner\0named\0c\0btf_trace_demo\0".to_vec();
         let s = |name: &str, strings: &[u8]| -> u32 {
             let needle = format!("\0{name}\0");
-            strings
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .unwrap() as u32
-                + 1
+            strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
         };
         let mut types = Vec::new();
         let mut ty = |name_off: u32, kind: u32, vlen: u32, size: u32, extra: &[u32]| {
@@ -231,30 +210,14 @@ mod tests {
         // 2: anonymous struct { int b @ 0 }
         ty(0, KIND_STRUCT, 1, 4, &[s("b", &strings), 1, 0]);
         // 3: struct inner { int c @ 32 bits }
-        ty(
-            s("inner", &strings),
-            KIND_STRUCT,
-            1,
-            8,
-            &[s("c", &strings), 1, 32],
-        );
+        ty(s("inner", &strings), KIND_STRUCT, 1, 8, &[s("c", &strings), 1, 32]);
         // 4: struct outer { int a @ 0; anon @ 32 bits; struct inner named @ 64 bits }
         ty(
             s("outer", &strings),
             KIND_STRUCT,
             3,
             16,
-            &[
-                s("a", &strings),
-                1,
-                0,
-                0,
-                2,
-                32,
-                s("named", &strings),
-                3,
-                64,
-            ],
+            &[s("a", &strings), 1, 0, 0, 2, 32, s("named", &strings), 3, 64],
         );
         // 5: typedef btf_trace_demo -> int
         ty(s("btf_trace_demo", &strings), KIND_TYPEDEF, 0, 1, &[]);
@@ -262,13 +225,7 @@ mod tests {
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
-        for v in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
+        for v in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
             blob.extend_from_slice(&v.to_le_bytes());
         }
         blob.extend_from_slice(&types);
@@ -287,14 +244,8 @@ mod tests {
     #[test]
     fn reports_missing_struct_and_member() {
         let btf = Btf::parse(&sample()).unwrap();
-        assert!(matches!(
-            btf.member_offset("nope", &["a"]),
-            Err(BtfError::NoStruct(_))
-        ));
-        assert!(matches!(
-            btf.member_offset("outer", &["zzz"]),
-            Err(BtfError::NoMember(..))
-        ));
+        assert!(matches!(btf.member_offset("nope", &["a"]), Err(BtfError::NoStruct(_))));
+        assert!(matches!(btf.member_offset("outer", &["zzz"]), Err(BtfError::NoMember(..))));
     }
 
     #[test]

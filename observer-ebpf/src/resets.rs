@@ -1,0 +1,77 @@
+//! Resets that lose data: a reset sent or received while the socket still held unread or unsent
+//! bytes. The classic case is the lingering-close failure: a server closes with part of the
+//! request unread, the kernel answers with a reset instead of a FIN, and the client loses the
+//! response it had not read yet.
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::map,
+    maps::RingBuf,
+};
+use observer_common::{Counter, ResetEvent, tcp_state};
+
+use crate::activity::{self, offset, read_at};
+
+const AF_INET: u16 = 2;
+
+/// Reset events for the agent, drained every poll.
+#[map]
+static RESETS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[inline(always)]
+pub fn record(sk: *const u8, direction: u8) -> Result<(), ()> {
+    if sk.is_null() {
+        return Err(());
+    }
+    // Time-wait and request sockets are smaller than a tcp_sock: their fields below are not there.
+    let state: u8 = read_at(sk, offset!(skc_state));
+    if matches!(state as u32, tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV | tcp_state::LISTEN) {
+        return Err(());
+    }
+    let unread =
+        read_at::<u32>(sk, offset!(tcp_rcv_nxt)).wrapping_sub(read_at(sk, offset!(tcp_copied_seq)));
+    let unsent =
+        read_at::<u32>(sk, offset!(tcp_write_seq)).wrapping_sub(read_at(sk, offset!(tcp_snd_una)));
+    // Sequence arithmetic on a socket in a strange state can wrap; such numbers are not data.
+    let sane = |n: u32| if n > (1 << 30) { 0 } else { n };
+    let (unread, unsent) = (sane(unread), sane(unsent));
+    if unread == 0 && unsent == 0 {
+        return Ok(()); // nothing was lost
+    }
+    activity::count(Counter::ResetEvents);
+    let cookie = activity::cookie_of(sk as *mut _);
+    // In softirq context the current task is unrelated: prefer the socket's last user.
+    let (tgid, tid, comm) = match activity::lookup(cookie).filter(|a| a.last_tid != 0) {
+        Some(a) => (a.last_tgid, a.last_tid, a.last_comm),
+        None => {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            ((pid_tgid >> 32) as u32, pid_tgid as u32, bpf_get_current_comm().unwrap_or([0; 16]))
+        }
+    };
+    let family: u16 = read_at(sk, offset!(skc_family));
+    let mut event = ResetEvent {
+        cookie,
+        at_ns: activity::now_ns(),
+        unread,
+        unsent,
+        tgid,
+        tid,
+        comm,
+        direction,
+        state,
+        family,
+        local_port: u16::from_be(read_at(sk, offset!(inet_sport))),
+        remote_port: u16::from_be(read_at(sk, offset!(skc_dport))),
+        ..ResetEvent::default()
+    };
+    if family == AF_INET {
+        event.local_addr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, offset!(skc_rcv_saddr)));
+        event.remote_addr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, offset!(skc_daddr)));
+    } else {
+        event.local_addr = read_at(sk, offset!(skc_v6_rcv_saddr));
+        event.remote_addr = read_at(sk, offset!(skc_v6_daddr));
+    }
+    if RESETS.output::<ResetEvent>(&event, 0).is_err() {
+        activity::count(Counter::EventsLost);
+    }
+    Ok(())
+}

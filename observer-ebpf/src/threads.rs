@@ -1,0 +1,90 @@
+//! Per-thread socket calls of the watched processes: which call on which fd, since when. This is
+//! what turns "a thread is blocked in read" into "blocked in read on this socket for 42 s".
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::map,
+    maps::{Array, HashMap},
+};
+use observer_common::{Counter, MAX_SYSCALL_NR, ThreadCall, syscall_kind};
+
+use crate::activity::{self, offset, read_at};
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+const EMFILE: i64 = 24;
+const ENFILE: i64 = 23;
+
+/// Thread id -> its current or last tracked call. Updated in place; removed when the thread exits.
+#[map]
+static THREAD_CALLS: HashMap<u32, ThreadCall> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+
+/// Syscall number -> `syscall_kind`, filled by the agent with this architecture's numbers.
+#[map]
+static TRACKED_SYSCALLS: Array<u32> = Array::with_max_entries(MAX_SYSCALL_NR, 0);
+
+/// Process id -> accept()/accept4() calls that failed with EMFILE or ENFILE.
+#[map]
+static ACCEPT_ERRORS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn kind_of(nr: i64) -> u32 {
+    if !(0..MAX_SYSCALL_NR as i64).contains(&nr) {
+        return syscall_kind::NONE;
+    }
+    TRACKED_SYSCALLS.get(nr as u32).copied().unwrap_or(syscall_kind::NONE)
+}
+
+/// A watched thread enters syscall `nr` with user registers `regs`.
+#[inline(always)]
+pub fn enter(regs: *const u8, nr: i64) {
+    if kind_of(nr) == syscall_kind::NONE || !activity::current_is_watched() {
+        return;
+    }
+    let fd: u64 = read_at(regs, offset!(regs_arg0));
+    let call = ThreadCall { enter_ns: activity::now_ns(), nr: nr as u32, fd: fd as i32 };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    match THREAD_CALLS.get_ptr_mut(tid) {
+        // In place: no allocation on the hot path once a thread has been seen.
+        Some(slot) => unsafe { *slot = call },
+        None => {
+            if THREAD_CALLS.insert(tid, call, 0).is_err() {
+                activity::count(Counter::ThreadTrackFailed);
+            }
+        }
+    }
+}
+
+/// The current thread leaves a syscall with result `ret`.
+#[inline(always)]
+pub fn exit(ret: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(slot) = THREAD_CALLS.get_ptr_mut(pid_tgid as u32) else {
+        return;
+    };
+    let nr = unsafe {
+        if (*slot).enter_ns == 0 {
+            return;
+        }
+        (*slot).enter_ns = 0;
+        (*slot).nr
+    };
+    if (ret == -EMFILE || ret == -ENFILE) && kind_of(nr as i64) == syscall_kind::ACCEPT {
+        count_accept_error((pid_tgid >> 32) as u32);
+    }
+}
+
+fn count_accept_error(tgid: u32) {
+    activity::count(Counter::AcceptErrors);
+    match ACCEPT_ERRORS.get_ptr_mut(tgid) {
+        Some(total) => unsafe { activity::atomic_add(total, 1) },
+        None => {
+            let _ = ACCEPT_ERRORS.insert(tgid, 1, 0);
+        }
+    }
+}
+
+/// The current thread is exiting: forget its calls.
+#[inline(always)]
+pub fn thread_exit() {
+    let _ = THREAD_CALLS.remove(bpf_get_current_pid_tgid() as u32);
+}
