@@ -1,17 +1,31 @@
-//! Turns each poll's findings into alert transitions: an alert is raised once per socket and
+//! Turns each poll's findings into alert transitions: an alert is raised once per target and
 //! reason, stays quiet while the condition holds, and is cleared once when it ends.
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+
 use crate::{
-    detect::{Finding, Reason},
-    output::{ClearWhy, Identity},
-    snapshot::Snapshot,
+    detect::{Finding, Target},
+    reason::Reason,
+    snapshot::{Identity, Snapshot},
 };
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClearWhy {
+    /// The condition ended while the socket (or process) lives on: data moves again, the queue
+    /// drained, fds were released.
+    ActivityResumed,
+    /// The socket is gone, or left the state the alert was about (e.g. the peer closed it).
+    SocketClosed,
+    /// The process the alert was about has exited.
+    ProcessExited,
+}
 
 #[derive(Default)]
 pub struct AlertBook {
-    /// Raised and not yet cleared, with the socket's identity when raised.
-    active: BTreeMap<(u64, Reason), Identity>,
+    /// Raised and not yet cleared, with the identity at the time it was raised.
+    active: BTreeMap<(Target, Reason), Identity>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -32,33 +46,21 @@ impl AlertBook {
         let mut still_active = BTreeMap::new();
         let mut raised = Vec::new();
         for finding in findings {
-            let key = (finding.cookie, finding.reason);
-            match self.active.remove(&key) {
-                Some(identity) => {
-                    still_active.insert(key, identity);
-                }
+            let key = (finding.target, finding.reason);
+            let identity = match self.active.remove(&key) {
+                Some(identity) => identity,
                 None => {
-                    if let Some(socket) = snapshot.find(finding.cookie) {
-                        still_active.insert(key, Identity::of(socket));
-                        raised.push(finding);
-                    }
+                    raised.push(finding);
+                    finding.identity.clone()
                 }
-            }
+            };
+            still_active.insert(key, identity);
         }
         let cleared = std::mem::replace(&mut self.active, still_active)
             .into_iter()
-            .map(|((cookie, reason), identity)| {
-                let why = match snapshot.find(cookie) {
-                    Some(now) if Identity::of(now).state == identity.state => {
-                        ClearWhy::ActivityResumed
-                    }
-                    _ => ClearWhy::SocketClosed,
-                };
-                Cleared {
-                    identity,
-                    reason,
-                    why,
-                }
+            .map(|((target, reason), identity)| {
+                let why = why_cleared(snapshot, target, &identity);
+                Cleared { identity, reason, why }
             })
             .collect();
         (raised, cleared)
@@ -68,16 +70,32 @@ impl AlertBook {
     pub fn clear_all(&mut self, why: ClearWhy) -> Vec<Cleared> {
         std::mem::take(&mut self.active)
             .into_iter()
-            .map(|((_, reason), identity)| Cleared {
-                identity,
-                reason,
-                why,
-            })
+            .map(|((_, reason), identity)| Cleared { identity, reason, why })
             .collect()
     }
 
     pub fn active_count(&self) -> usize {
         self.active.len()
+    }
+
+    /// Whether an alert for `target` and `reason` stands.
+    pub fn is_active(&self, target: Target, reason: Reason) -> bool {
+        self.active.contains_key(&(target, reason))
+    }
+}
+
+fn why_cleared(snapshot: &Snapshot, target: Target, raised_as: &Identity) -> ClearWhy {
+    match target {
+        Target::Socket(cookie) => match snapshot.find(cookie) {
+            Some(now) if Identity::of_socket(now).state == raised_as.state => {
+                ClearWhy::ActivityResumed
+            }
+            _ => ClearWhy::SocketClosed,
+        },
+        Target::Process(pid) => match snapshot.process(pid) {
+            Some(_) => ClearWhy::ActivityResumed,
+            None => ClearWhy::ProcessExited,
+        },
     }
 }
 
@@ -85,79 +103,67 @@ impl AlertBook {
 mod tests {
     use super::*;
     use crate::{
-        detect::{Rules, detect},
-        snapshot::{Snapshot, fixtures::*},
+        detect::{Detector, KernelFacts},
+        policy::Policy,
+        snapshot::fixtures::*,
     };
 
-    fn rules() -> Rules {
-        Rules {
-            idle_timeout: std::time::Duration::from_secs(10),
-        }
-    }
-
-    fn poll(book: &mut AlertBook, snapshot: &Snapshot) -> (Vec<u64>, Vec<(u64, ClearWhy)>) {
-        let findings = detect(snapshot, &rules());
-        let (raised, cleared) = book.update(snapshot, &findings);
+    fn poll(
+        book: &mut AlertBook,
+        det: &mut Detector,
+        s: &Snapshot,
+    ) -> (Vec<Target>, Vec<(Option<u64>, ClearWhy)>) {
+        let findings = det.observe(s);
+        let (raised, cleared) = book.update(s, &findings);
         (
-            raised.iter().map(|f| f.cookie).collect(),
+            raised.iter().map(|f| f.target).collect(),
             cleared.iter().map(|c| (c.identity.cookie, c.why)).collect(),
         )
     }
 
+    fn detector() -> Detector {
+        let policy = Policy::default().with_command_line(crate::policy::Overrides {
+            idle_timeout: Some(std::time::Duration::from_secs(10)),
+            ..Default::default()
+        });
+        Detector::new(policy, KernelFacts::default())
+    }
+
     #[test]
     fn raised_once_while_condition_holds_then_cleared_once() {
-        let mut book = AlertBook::default();
-        let idle = |ms| Snapshot {
-            taken_ns: NOW_NS,
-            sockets: vec![socket(1, 1, ms, ms)],
-        };
-        assert_eq!(poll(&mut book, &idle(11_000)), (vec![1], vec![]));
-        assert_eq!(poll(&mut book, &idle(12_000)), (vec![], vec![]));
-        assert_eq!(poll(&mut book, &idle(13_000)), (vec![], vec![]));
+        let (mut book, mut det) = (AlertBook::default(), detector());
+        let idle = |ms| snapshot(vec![socket(1, 1, ms, ms)]);
+        assert_eq!(poll(&mut book, &mut det, &idle(11_000)), (vec![Target::Socket(1)], vec![]));
+        assert_eq!(poll(&mut book, &mut det, &idle(12_000)), (vec![], vec![]));
+        assert_eq!(poll(&mut book, &mut det, &idle(13_000)), (vec![], vec![]));
         assert_eq!(
-            poll(&mut book, &idle(5)),
-            (vec![], vec![(1, ClearWhy::ActivityResumed)])
+            poll(&mut book, &mut det, &idle(5)),
+            (vec![], vec![(Some(1), ClearWhy::ActivityResumed)])
         );
-        assert_eq!(poll(&mut book, &idle(5)), (vec![], vec![]));
+        assert_eq!(poll(&mut book, &mut det, &idle(5)), (vec![], vec![]));
         assert_eq!(book.active_count(), 0);
     }
 
     #[test]
     fn vanished_or_closing_socket_clears_as_closed() {
-        let mut book = AlertBook::default();
-        let two = Snapshot {
-            taken_ns: NOW_NS,
-            sockets: vec![socket(1, 1, 20_000, 20_000), socket(2, 1, 20_000, 20_000)],
-        };
-        assert_eq!(poll(&mut book, &two).0, vec![1, 2]);
+        let (mut book, mut det) = (AlertBook::default(), detector());
+        let two = snapshot(vec![socket(1, 1, 20_000, 20_000), socket(2, 1, 20_000, 20_000)]);
+        assert_eq!(poll(&mut book, &mut det, &two).0, vec![Target::Socket(1), Target::Socket(2)]);
         // Socket 1 is gone; socket 2 went to CLOSE_WAIT.
-        let after = Snapshot {
-            taken_ns: NOW_NS,
-            sockets: vec![socket(2, 8, 20_000, 20_000)],
-        };
-        let (_, cleared) = poll(&mut book, &after);
+        let after = snapshot(vec![socket(2, 8, 20_000, 20_000)]);
+        let (_, cleared) = poll(&mut book, &mut det, &after);
         assert_eq!(
             cleared,
-            vec![(1, ClearWhy::SocketClosed), (2, ClearWhy::SocketClosed)]
+            vec![(Some(1), ClearWhy::SocketClosed), (Some(2), ClearWhy::SocketClosed)]
         );
     }
 
     #[test]
     fn clear_all_empties_the_book() {
-        let mut book = AlertBook::default();
-        poll(
-            &mut book,
-            &Snapshot {
-                taken_ns: NOW_NS,
-                sockets: vec![socket(1, 1, 20_000, 0)],
-            },
-        );
-        let s = Snapshot {
-            taken_ns: NOW_NS,
-            sockets: vec![socket(1, 1, 20_000, 20_000)],
-        };
-        poll(&mut book, &s);
-        assert_eq!(book.clear_all(ClearWhy::SocketClosed).len(), 1);
+        let (mut book, mut det) = (AlertBook::default(), detector());
+        poll(&mut book, &mut det, &snapshot(vec![socket(1, 1, 20_000, 20_000)]));
+        assert!(book.is_active(Target::Socket(1), Reason::Idle));
+        assert_eq!(book.clear_all(ClearWhy::ProcessExited).len(), 1);
         assert_eq!(book.active_count(), 0);
     }
 }

@@ -11,31 +11,37 @@ use serde_json::{Value, json};
 
 use crate::{
     btf::{Btf, VMLINUX},
+    cli::CheckArgs,
     kernel::sock_diag::{DiagSocketHandle, SockId},
     output::timestamp,
+    policy::Policy,
     probes::{Backend, LoadOptions, Probes},
     system,
 };
 
 /// Runs every check, prints the report, and returns whether `watch` can run.
-pub fn run() -> anyhow::Result<bool> {
+pub fn run(args: &CheckArgs) -> anyhow::Result<bool> {
     let caps = system::effective_capabilities();
     let missing = system::missing_for_watch(caps);
     let mut problems: Vec<String> = Vec::new();
     if !missing.is_empty() {
-        problems.push(format!(
-            "missing {}: run observer as root",
-            missing.join(", ")
-        ));
+        problems.push(format!("missing {}: run observer as root", missing.join(", ")));
     }
+
+    let config = args.config.as_ref().map(|path| match Policy::from_file(path) {
+        Ok(policy) => json!({ "ok": true, "path": path, "rules": policy.rules().len() }),
+        Err(e) => {
+            problems.push(e.to_string());
+            json!({ "ok": false, "path": path, "error": e.to_string() })
+        }
+    });
 
     let btf = Btf::from_kernel();
     let btf_report = match &btf {
         Ok(_) => json!({ "ok": true, "path": VMLINUX }),
         Err(e) => {
-            problems.push(format!(
-                "{e}; observer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
-            ));
+            problems
+                .push(format!("{e}; observer needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"));
             json!({ "ok": false, "path": VMLINUX, "error": e.to_string() })
         }
     };
@@ -46,13 +52,8 @@ pub fn run() -> anyhow::Result<bool> {
         let result = match &btf {
             Ok(btf) if missing.is_empty() => {
                 system::raise_memlock_limit();
-                let options = LoadOptions {
-                    pids: vec![],
-                    max_sockets: 1024,
-                };
-                Probes::load(candidate, &options, btf)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+                let options = LoadOptions { pids: vec![], max_sockets: 1024 };
+                Probes::load(candidate, &options, btf).map(drop).map_err(|e| e.to_string())
             }
             Ok(_) => Err("not tried: missing privileges".to_owned()),
             Err(_) => Err("not tried: no kernel BTF".to_owned()),
@@ -77,10 +78,7 @@ pub fn run() -> anyhow::Result<bool> {
     let capabilities: serde_json::Map<String, Value> = system::CAPABILITIES
         .iter()
         .map(|(name, _, why)| {
-            (
-                name.to_string(),
-                json!({ "ok": system::has_capability(caps, name), "for": why }),
-            )
+            (name.to_string(), json!({ "ok": system::has_capability(caps, name), "for": why }))
         })
         .collect();
     let ready = problems.is_empty();
@@ -100,6 +98,7 @@ pub fn run() -> anyhow::Result<bool> {
         },
         "probes": probes,
         "sock_destroy": sock_destroy_report(),
+        "config": config,
         "backend": backend.map(Backend::name),
         "ready": ready,
         "problems": problems,

@@ -2,8 +2,12 @@
 //! with an example.
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_MAX_TRACKED_SOCKETS;
+
+use crate::policy::Overrides;
 
 const ABOUT: &str = "Finds the TCP connections a server is stuck on, says why, and names the thread stuck with them.";
 
@@ -21,7 +25,9 @@ Examples:
   observer check                          # can this machine run observer? (JSON report)
   observer watch --pid $(pgrep -o nginx)  # watch one server process
   observer watch --port 8080              # every connection on port 8080, any process
-  observer watch --pid 4242 --idle-timeout 5m --poll-interval 2s";
+  observer watch --pid 4242 --idle-timeout 5m --poll-interval 2s
+  observer watch --pid 4242 --config /etc/observer.toml  # per-port/CIDR/process thresholds
+  observer check --config /etc/observer.toml             # validate a policy file";
 
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -31,6 +37,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start-up; boxing buys nothing")]
 pub enum Command {
     /// Watch TCP connections and print alerts for stuck ones as JSON lines on stdout.
     #[command(after_help = EXAMPLES)]
@@ -39,7 +46,14 @@ pub enum Command {
     ///
     /// Checks privileges, kernel BTF, tracefs, each probe backend (by really loading and
     /// attaching it) and sock_diag SOCK_DESTROY. Exits 0 if `watch` can run, 1 if not.
-    Check,
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also validate this policy file; a bad file fails the check with its line and reason.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -63,10 +77,50 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration)]
     pub poll_interval: Duration,
 
-    /// Alert `idle` on an established connection that sent and received no data for this
-    /// long: a client that went silent while a server thread waits in read(). Examples: 30s, 5m
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = positive_duration)]
-    pub idle_timeout: Duration,
+    /// Policy file: thresholds and ignored reasons per local port, remote CIDR, pid or
+    /// program (see README). Threshold flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// [default: 60s] Alert `idle`: an established connection that sent and received no data
+    /// for this long (a client went silent; a server thread waits in read()). Example: 5m
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub idle_timeout: Option<Duration>,
+
+    /// [default: 30s] Alert `slow_transfer` (slow-loris): data trickled one way below
+    /// --slow-min-rate for this long while the other side sent nothing back. Example: 1m
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub slow_after: Option<Duration>,
+
+    /// [default: 64] The rate, in bytes per second, below which a sustained one-way transfer
+    /// counts as slow. Example: 256
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = positive_rate)]
+    pub slow_min_rate: Option<f64>,
+
+    /// [default: 30s] Alert `blocked_send`: data waited to be sent this long while the peer,
+    /// alive, took none (it stopped reading; the writer blocks). Example: 2m
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub blocked_timeout: Option<Duration>,
+
+    /// [default: 30s] Alert `retransmitting`: the kernel retransmitted unacknowledged data for
+    /// this long to a peer that does not answer (it vanished; TCP retries ~15 min). Example: 1m
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub retrans_timeout: Option<Duration>,
+
+    /// [default: 60s] Alert `close_wait`: the peer closed this long ago and the application
+    /// never called close() (a leaked socket and fd). Example: 5m
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub close_wait_timeout: Option<Duration>,
+
+    /// [default: 300s] Alert `keepalive_missing`: a non-loopback connection silent this long
+    /// without a keepalive due sooner; a load balancer or NAT will drop it. Example: 240s
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub middlebox_idle: Option<Duration>,
+
+    /// [default: 0.9] Alert `fd_pressure` when a process uses this fraction of its fd limit
+    /// (RLIMIT_NOFILE), or whenever its accept() fails with EMFILE/ENFILE. Example: 0.8
+    #[arg(long, value_name = "FRACTION", value_parser = fraction)]
+    pub fd_threshold: Option<f64>,
 
     /// Print a `stats` event with the agent's own health (sockets seen, poll time, probe
     /// counters, sockets the probes failed to track) this often; 0 turns it off.
@@ -79,6 +133,38 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_sockets: u32,
+}
+
+impl WatchArgs {
+    /// The thresholds given on the command line; they win over the policy file.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            idle_timeout: self.idle_timeout,
+            slow_after: self.slow_after,
+            slow_min_rate: self.slow_min_rate,
+            blocked_timeout: self.blocked_timeout,
+            retrans_timeout: self.retrans_timeout,
+            close_wait_timeout: self.close_wait_timeout,
+            middlebox_idle: self.middlebox_idle,
+            fd_threshold: self.fd_threshold,
+        }
+    }
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a rate: give bytes per second, like 64")),
+    }
+}
+
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!(
+            "'{text}' is not a fraction of the fd limit: give one above 0, at most 1, like 0.9"
+        )),
+    }
 }
 
 /// Parses `500ms`, `2s`, `5m`, `1h30m`.
@@ -120,12 +206,10 @@ mod tests {
     #[test]
     fn watch_defaults() {
         let cli = Cli::try_parse_from(["observer", "watch"]).unwrap();
-        let Command::Watch(w) = cli.command else {
-            panic!("not watch")
-        };
+        let Command::Watch(w) = cli.command else { panic!("not watch") };
         assert!(w.pids.is_empty() && w.ports.is_empty());
         assert_eq!(w.poll_interval, Duration::from_secs(1));
-        assert_eq!(w.idle_timeout, Duration::from_secs(60));
+        assert_eq!(w.overrides(), Overrides::default(), "unset flags leave the policy alone");
     }
 
     #[test]
@@ -145,12 +229,11 @@ mod tests {
             "2s",
         ])
         .unwrap();
-        let Command::Watch(w) = cli.command else {
-            panic!("not watch")
-        };
+        let Command::Watch(w) = cli.command else { panic!("not watch") };
         assert_eq!(w.pids, vec![10, 11]);
         assert_eq!(w.ports, vec![8080]);
         assert_eq!(w.poll_interval, Duration::from_millis(250));
+        assert_eq!(w.overrides().idle_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]
@@ -160,6 +243,8 @@ mod tests {
             vec!["observer", "watch", "--pid", "0"],
             vec!["observer", "watch", "--idle-timeout", "5"],
             vec!["observer", "watch", "--bogus"],
+            vec!["observer", "watch", "--fd-threshold", "1.5"],
+            vec!["observer", "watch", "--slow-min-rate", "-3"],
             vec!["observer"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err();

@@ -8,9 +8,12 @@ pub mod collect;
 pub mod detect;
 pub mod kernel;
 pub mod output;
+pub mod policy;
 pub mod probes;
 pub mod procfs;
+pub mod reason;
 pub mod snapshot;
+pub mod syscalls;
 pub mod system;
 pub mod threads;
 pub mod watch;
@@ -21,10 +24,8 @@ use std::process::ExitCode;
 pub async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Watch(args) => watch::run(args).await.map(|()| ExitCode::SUCCESS),
-        cli::Command::Check => Ok(if check::run()? {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }),
+        cli::Command::Check(args) => {
+            Ok(if check::run(&args)? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
     }
 }

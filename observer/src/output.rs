@@ -10,9 +10,11 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    alerts::Cleared,
-    detect::{Finding, Reason},
-    snapshot::{SocketView, state_name},
+    alerts::{ClearWhy, Cleared},
+    detect::Finding,
+    policy::Thresholds,
+    reason::Reason,
+    snapshot::{Identity, SocketView},
     threads::ThreadInfo,
 };
 
@@ -21,55 +23,26 @@ pub fn timestamp(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-/// Who and what a socket is: the fields every socket event carries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Identity {
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub fd: Option<i32>,
-    pub cookie: u64,
-    pub local: String,
-    pub remote: String,
-    pub state: &'static str,
-}
-
-impl Identity {
-    pub fn of(socket: &SocketView) -> Self {
-        Identity {
-            pid: socket.owner.as_ref().map(|o| o.pid),
-            comm: socket.owner.as_ref().map(|o| o.comm.clone()),
-            fd: socket.owner.as_ref().map(|o| o.fd),
-            cookie: socket.cookie(),
-            local: socket.local().to_string(),
-            remote: socket.remote().to_string(),
-            state: state_name(socket.diag.state),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClearWhy {
-    ActivityResumed,
-    SocketClosed,
-}
-
 #[derive(Debug, Serialize)]
 pub struct AlertEvent {
     pub ts: String,
     pub reason: Reason,
     #[serde(flatten)]
     pub identity: Identity,
+    /// Connection-wide numbers; null for process-level alerts and sockets already gone.
     pub idle_ms: Option<u64>,
     pub last_send_ms: Option<u64>,
     pub last_recv_ms: Option<u64>,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub retransmits: u64,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub retransmits: Option<u64>,
     /// Reason-specific numbers (queue sizes, rates, ...).
     #[serde(flatten)]
     pub metrics: Map<String, Value>,
     pub threads: Vec<ThreadInfo>,
+    /// The policy rule that set the thresholds for this socket, when one matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_rule: Option<String>,
     pub detail: String,
 }
 
@@ -77,22 +50,23 @@ impl AlertEvent {
     pub fn new(
         at: SystemTime,
         now_ns: u64,
-        socket: &SocketView,
         finding: &Finding,
+        socket: Option<&SocketView>,
         threads: Vec<ThreadInfo>,
     ) -> Self {
         AlertEvent {
             ts: timestamp(at),
             reason: finding.reason,
-            identity: Identity::of(socket),
-            idle_ms: socket.idle_ms(now_ns),
-            last_send_ms: socket.last_send_ms(now_ns),
-            last_recv_ms: socket.last_recv_ms(now_ns),
-            bytes_sent: socket.bytes_sent(),
-            bytes_received: socket.bytes_received(),
-            retransmits: socket.retransmits(),
+            identity: finding.identity.clone(),
+            idle_ms: socket.and_then(|s| s.idle_ms(now_ns)),
+            last_send_ms: socket.and_then(|s| s.last_send_ms(now_ns)),
+            last_recv_ms: socket.and_then(|s| s.last_recv_ms(now_ns)),
+            bytes_sent: socket.map(SocketView::bytes_sent),
+            bytes_received: socket.map(SocketView::bytes_received),
+            retransmits: socket.map(SocketView::retransmits),
             metrics: finding.metrics.clone(),
             threads,
+            policy_rule: finding.rule.clone(),
             detail: finding.detail.clone(),
         }
     }
@@ -127,7 +101,41 @@ pub struct StartedEvent {
     pub ports: Vec<u16>,
     pub kernel: String,
     pub poll_interval_ms: u64,
+    /// Whether blocked_ms and accept errors are measured (per-thread probes, with --pid).
+    pub thread_timing: bool,
+    /// The policy file in effect, if any.
+    pub config: Option<String>,
+    /// Thresholds for connections no policy rule matches.
+    #[serde(flatten)]
+    pub thresholds: ThresholdsReport,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThresholdsReport {
     pub idle_timeout_ms: u64,
+    pub slow_after_ms: u64,
+    pub slow_min_rate_bytes_per_sec: f64,
+    pub blocked_timeout_ms: u64,
+    pub retrans_timeout_ms: u64,
+    pub close_wait_timeout_ms: u64,
+    pub middlebox_idle_ms: u64,
+    pub fd_threshold: f64,
+}
+
+impl From<Thresholds> for ThresholdsReport {
+    fn from(t: Thresholds) -> Self {
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        ThresholdsReport {
+            idle_timeout_ms: ms(t.idle_timeout),
+            slow_after_ms: ms(t.slow_after),
+            slow_min_rate_bytes_per_sec: t.slow_min_rate,
+            blocked_timeout_ms: ms(t.blocked_timeout),
+            retrans_timeout_ms: ms(t.retrans_timeout),
+            close_wait_timeout_ms: ms(t.close_wait_timeout),
+            middlebox_idle_ms: ms(t.middlebox_idle),
+            fd_threshold: t.fd_threshold,
+        }
+    }
 }
 
 /// The agent's own health, every `--stats-interval`.
@@ -181,33 +189,36 @@ mod tests {
         let mut out = Output::new(Vec::new());
         out.emit(event).unwrap();
         let text = String::from_utf8(out.out).unwrap();
-        assert!(
-            text.ends_with('\n') && text.matches('\n').count() == 1,
-            "one line: {text}"
-        );
+        assert!(text.ends_with('\n') && text.matches('\n').count() == 1, "one line: {text}");
         serde_json::from_str(&text).unwrap()
+    }
+
+    fn finding(socket: &SocketView) -> Finding {
+        Finding {
+            target: crate::detect::Target::Socket(socket.cookie()),
+            reason: Reason::Idle,
+            identity: Identity::of_socket(socket),
+            detail: "quiet".into(),
+            metrics: Map::new(),
+            rule: None,
+        }
     }
 
     #[test]
     fn alert_has_every_contract_field() {
         let socket = socket(7, 1, 61_000, 62_000);
-        let finding = Finding {
-            cookie: 7,
-            reason: Reason::Idle,
-            detail: "quiet".into(),
-            metrics: Map::new(),
-        };
         let threads = vec![ThreadInfo {
             tid: 9,
             name: "worker".into(),
             blocked_in: Some("read"),
+            blocked_ms: Some(61_000),
             last_io_ms: None,
         }];
         let v = emit(&Event::Alert(AlertEvent::new(
             SystemTime::UNIX_EPOCH,
             NOW_NS,
-            &socket,
-            &finding,
+            &finding(&socket),
+            Some(&socket),
             threads,
         )));
         assert_eq!(v["event"], "alert");
@@ -224,15 +235,14 @@ mod tests {
             (Some(61_000), Some(61_000))
         );
         assert_eq!(v["last_recv_ms"], 62_000);
-        assert_eq!(
-            (v["bytes_sent"].as_u64(), v["bytes_received"].as_u64()),
-            (Some(10), Some(20))
-        );
+        assert_eq!((v["bytes_sent"].as_u64(), v["bytes_received"].as_u64()), (Some(10), Some(20)));
         assert_eq!(v["retransmits"], 0);
         assert_eq!(v["threads"][0]["tid"], 9);
         assert_eq!(v["threads"][0]["name"], "worker");
         assert_eq!(v["threads"][0]["blocked_in"], "read");
+        assert_eq!(v["threads"][0]["blocked_ms"], 61_000);
         assert!(v["threads"][0].get("last_io_ms").is_none());
+        assert!(v.get("policy_rule").is_none());
         assert_eq!(v["detail"], "quiet");
     }
 
@@ -240,48 +250,56 @@ mod tests {
     fn ipv6_addresses_are_bracketed() {
         let mut socket = socket(1, 1, 0, 0);
         socket.diag.local = "[::1]:8080".parse().unwrap();
-        assert_eq!(Identity::of(&socket).local, "[::1]:8080");
+        assert_eq!(Identity::of_socket(&socket).local.as_deref(), Some("[::1]:8080"));
     }
 
     #[test]
     fn cleared_and_lifecycle_events() {
         let cleared = Cleared {
-            identity: Identity::of(&socket(3, 1, 0, 0)),
+            identity: Identity::of_socket(&socket(3, 1, 0, 0)),
             reason: Reason::Idle,
             why: ClearWhy::SocketClosed,
         };
-        let v = emit(&Event::AlertCleared(ClearedEvent::new(
-            SystemTime::UNIX_EPOCH,
-            cleared,
-        )));
+        let v = emit(&Event::AlertCleared(ClearedEvent::new(SystemTime::UNIX_EPOCH, cleared)));
         assert_eq!(
             (v["event"].as_str(), v["why"].as_str()),
             (Some("alert_cleared"), Some("socket_closed"))
         );
-        assert_eq!(
-            (v["reason"].as_str(), v["cookie"].as_u64()),
-            (Some("idle"), Some(3))
-        );
-        let v = emit(&Event::TargetExited {
-            ts: "t".into(),
-            pid: 5,
-        });
-        assert_eq!(
-            (v["event"].as_str(), v["pid"].as_u64()),
-            (Some("target_exited"), Some(5))
-        );
-        let v = emit(&Event::Stopped {
-            ts: "t".into(),
-            reason: "signal",
-        });
+        assert_eq!((v["reason"].as_str(), v["cookie"].as_u64()), (Some("idle"), Some(3)));
+        let v = emit(&Event::TargetExited { ts: "t".into(), pid: 5 });
+        assert_eq!((v["event"].as_str(), v["pid"].as_u64()), (Some("target_exited"), Some(5)));
+        let v = emit(&Event::Stopped { ts: "t".into(), reason: "signal" });
         assert_eq!(v["event"], "stopped");
     }
 
     #[test]
-    fn socket_without_known_owner_has_null_identity_fields() {
-        let mut s = socket(1, 1, 0, 0);
-        s.owner = None;
-        let v = serde_json::to_value(Identity::of(&s)).unwrap();
-        assert!(v["pid"].is_null() && v["fd"].is_null() && v["comm"].is_null());
+    fn process_alert_has_null_socket_fields() {
+        let process = crate::snapshot::ProcessView {
+            pid: 5,
+            comm: "srv".into(),
+            fds_used: 10,
+            fd_limit: Some(11),
+            accept_errors: None,
+        };
+        let finding = Finding {
+            target: crate::detect::Target::Process(5),
+            reason: Reason::FdPressure,
+            identity: Identity::of_process(&process),
+            detail: "fds".into(),
+            metrics: Map::new(),
+            rule: Some("r".into()),
+        };
+        let v = emit(&Event::Alert(AlertEvent::new(
+            SystemTime::UNIX_EPOCH,
+            NOW_NS,
+            &finding,
+            None,
+            vec![],
+        )));
+        assert_eq!((v["pid"].as_u64(), v["reason"].as_str()), (Some(5), Some("fd_pressure")));
+        for field in ["fd", "cookie", "local", "remote", "state", "idle_ms", "bytes_sent"] {
+            assert!(v[field].is_null(), "{field} should be null: {v}");
+        }
+        assert_eq!(v["policy_rule"], "r");
     }
 }

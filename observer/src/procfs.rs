@@ -37,10 +37,7 @@ fn classify(pid: u32, err: ::procfs::ProcError) -> ProcError {
             pid,
             source: io::Error::from(io::ErrorKind::PermissionDenied),
         },
-        other => ProcError::Other {
-            pid,
-            source: io::Error::other(other.to_string()),
-        },
+        other => ProcError::Other { pid, source: io::Error::other(other.to_string()) },
     }
 }
 
@@ -59,10 +56,7 @@ impl ProcessIdentity {
         let process = ::procfs::process::Process::new(pid as i32).map_err(|e| classify(pid, e))?;
         let status = process.status().map_err(|e| classify(pid, e))?;
         if status.tgid as u32 != pid {
-            return Err(ProcError::IsThread {
-                pid,
-                tgid: status.tgid as u32,
-            });
+            return Err(ProcError::IsThread { pid, tgid: status.tgid as u32 });
         }
         let stat = process.stat().map_err(|e| classify(pid, e))?;
         // Resolving fds is what every poll does; fail now, clearly, if the kernel forbids it
@@ -77,11 +71,7 @@ impl ProcessIdentity {
                 _ => ProcError::Other { pid, source },
             });
         }
-        Ok(ProcessIdentity {
-            pid,
-            start_time: stat.starttime,
-            comm: stat.comm,
-        })
+        Ok(ProcessIdentity { pid, start_time: stat.starttime, comm: stat.comm })
     }
 
     /// True while the same process (not a successor with the same pid) is alive and not a zombie.
@@ -93,22 +83,34 @@ impl ProcessIdentity {
     }
 }
 
-/// Socket inodes held by `pids`, or by every process when `pids` is `None`. Processes that vanish
-/// or cannot be read while scanning are skipped: the next poll sees the truth.
-pub fn socket_owners(pids: Option<&[u32]>) -> SocketOwners {
-    let mut owners = SocketOwners::new();
+/// One pass over the fd tables of the processes in scope.
+#[derive(Debug, Default)]
+pub struct FdScan {
+    /// Socket inode -> who holds it.
+    pub owners: SocketOwners,
+    /// Process id -> (comm, open fds).
+    pub processes: HashMap<u32, (String, u32)>,
+}
+
+/// Reads the fd tables of `pids`, or of every process when `pids` is `None`. Processes that
+/// vanish or cannot be read while scanning are skipped: the next poll sees the truth.
+pub fn scan_fds(pids: Option<&[u32]>) -> FdScan {
+    let mut result = FdScan::default();
     let mut scan = |process: ::procfs::process::Process| {
         let Ok(fds) = process.fd() else { return };
         let comm = process.stat().map(|s| s.comm).unwrap_or_default();
+        let mut count = 0;
         for fd in fds.flatten() {
+            count += 1;
             if let ::procfs::process::FDTarget::Socket(inode) = fd.target {
-                owners.entry(inode as u32).or_insert_with(|| Owner {
+                result.owners.entry(inode as u32).or_insert_with(|| Owner {
                     pid: process.pid as u32,
                     fd: fd.fd,
                     comm: comm.clone(),
                 });
             }
         }
+        result.processes.insert(process.pid as u32, (comm, count));
     };
     match pids {
         Some(pids) => {
@@ -126,7 +128,21 @@ pub fn socket_owners(pids: Option<&[u32]>) -> SocketOwners {
             }
         }
     }
-    owners
+    result
+}
+
+/// The name of process `pid`, if it still exists.
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_owned())
+}
+
+/// The soft RLIMIT_NOFILE of `pid`; `None` when unlimited or unreadable.
+pub fn fd_limit(pid: u32) -> Option<u64> {
+    let limits = ::procfs::process::Process::new(pid as i32).ok()?.limits().ok()?;
+    match limits.max_open_files.soft_limit {
+        ::procfs::process::LimitValue::Value(v) => Some(v),
+        ::procfs::process::LimitValue::Unlimited => None,
+    }
 }
 
 /// A thread of a watched process and, if it is blocked in a call on one fd, which call.
@@ -154,13 +170,9 @@ pub fn threads(pid: u32) -> Vec<ThreadState> {
         .filter_map(|entry| {
             let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let dir = entry.path();
-            let name = fs::read_to_string(dir.join("comm"))
-                .ok()?
-                .trim_end()
-                .to_owned();
-            let blocked = fs::read_to_string(dir.join("syscall"))
-                .ok()
-                .and_then(|s| parse_syscall_line(&s));
+            let name = fs::read_to_string(dir.join("comm")).ok()?.trim_end().to_owned();
+            let blocked =
+                fs::read_to_string(dir.join("syscall")).ok().and_then(|s| parse_syscall_line(&s));
             Some(ThreadState { tid, name, blocked })
         })
         .collect();
@@ -177,39 +189,9 @@ pub fn parse_syscall_line(line: &str) -> Option<BlockedCall> {
         .take(6)
         .map(|a| i64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
         .collect::<Option<_>>()?;
-    let (syscall, fd_arg) = socket_call(nr)?;
-    let fd = *args.get(fd_arg)?;
-    Some(BlockedCall {
-        syscall,
-        fd: i32::try_from(fd).ok()?,
-    })
-}
-
-/// Syscalls that block on one fd: name and which argument holds the fd.
-fn socket_call(nr: i64) -> Option<(&'static str, usize)> {
-    let table: &[(i64, &str, usize)] = &[
-        (libc::SYS_read, "read", 0),
-        (libc::SYS_write, "write", 0),
-        (libc::SYS_readv, "readv", 0),
-        (libc::SYS_writev, "writev", 0),
-        (libc::SYS_pread64, "pread64", 0),
-        (libc::SYS_pwrite64, "pwrite64", 0),
-        (libc::SYS_recvfrom, "recvfrom", 0),
-        (libc::SYS_sendto, "sendto", 0),
-        (libc::SYS_recvmsg, "recvmsg", 0),
-        (libc::SYS_sendmsg, "sendmsg", 0),
-        (libc::SYS_recvmmsg, "recvmmsg", 0),
-        (libc::SYS_sendmmsg, "sendmmsg", 0),
-        (libc::SYS_sendfile, "sendfile", 0),
-        (libc::SYS_splice, "splice", 2),
-        (libc::SYS_accept, "accept", 0),
-        (libc::SYS_accept4, "accept4", 0),
-        (libc::SYS_connect, "connect", 0),
-    ];
-    table
-        .iter()
-        .find(|(n, _, _)| *n == nr)
-        .map(|&(_, name, arg)| (name, arg))
+    let call = crate::syscalls::by_nr(nr)?;
+    let fd = *args.get(call.fd_arg)?;
+    Some(BlockedCall { syscall: call.name, fd: i32::try_from(fd).ok()? })
 }
 
 #[cfg(test)]
@@ -218,29 +200,14 @@ mod tests {
 
     #[test]
     fn blocked_read_names_call_and_fd() {
-        let line = format!(
-            "{} 0x5 0x7ffd1c 0x400 0x0 0x0 0x0 0x7ffd00 0x7f12ab\n",
-            libc::SYS_read
-        );
-        assert_eq!(
-            parse_syscall_line(&line),
-            Some(BlockedCall {
-                syscall: "read",
-                fd: 5
-            })
-        );
+        let line = format!("{} 0x5 0x7ffd1c 0x400 0x0 0x0 0x0 0x7ffd00 0x7f12ab\n", libc::SYS_read);
+        assert_eq!(parse_syscall_line(&line), Some(BlockedCall { syscall: "read", fd: 5 }));
     }
 
     #[test]
     fn blocked_sendto_on_large_fd() {
         let line = format!("{} 0x3e8 0x1 0x2 0x0 0x0 0x0 0x1 0x2", libc::SYS_sendto);
-        assert_eq!(
-            parse_syscall_line(&line),
-            Some(BlockedCall {
-                syscall: "sendto",
-                fd: 1000
-            })
-        );
+        assert_eq!(parse_syscall_line(&line), Some(BlockedCall { syscall: "sendto", fd: 1000 }));
     }
 
     #[test]
@@ -258,23 +225,14 @@ mod tests {
         let me = std::process::id();
         let id = ProcessIdentity::of(me).unwrap();
         assert!(id.is_alive());
-        let gone = ProcessIdentity {
-            start_time: id.start_time + 1,
-            ..id
-        };
-        assert!(
-            !gone.is_alive(),
-            "a different start time is a different process"
-        );
+        let gone = ProcessIdentity { start_time: id.start_time + 1, ..id };
+        assert!(!gone.is_alive(), "a different start time is a different process");
         assert!(threads(me).iter().any(|t| t.tid == me));
     }
 
     #[test]
     fn missing_pid_is_reported_as_such() {
         // pid_max is at most 2^22, so this pid cannot exist.
-        assert!(matches!(
-            ProcessIdentity::of(999_999_999),
-            Err(ProcError::NoSuchProcess(_))
-        ));
+        assert!(matches!(ProcessIdentity::of(999_999_999), Err(ProcError::NoSuchProcess(_))));
     }
 }

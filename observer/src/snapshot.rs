@@ -1,11 +1,12 @@
 //! One poll's joined view of the watched sockets: the kernel's table (sock_diag), what the probes
 //! recorded, and which process and fd own each socket. Everything downstream (detection, alerts,
 //! output) is a pure function of snapshots.
-use std::net::SocketAddr;
+use std::{collections::HashMap, net::SocketAddr};
 
-use observer_common::SockActivity;
+use observer_common::{SockActivity, ThreadCall};
+use serde::Serialize;
 
-use crate::{kernel::sock_diag::DiagSocket, procfs::Owner};
+use crate::{kernel::sock_diag::DiagSocket, policy::Subject, procfs::Owner};
 
 #[derive(Clone, Debug)]
 pub struct SocketView {
@@ -14,16 +15,119 @@ pub struct SocketView {
     pub activity: Option<SockActivity>,
 }
 
+/// A watched process as a whole (for fd exhaustion).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessView {
+    pub pid: u32,
+    pub comm: String,
+    pub fds_used: u32,
+    /// Soft RLIMIT_NOFILE; `None` when unlimited or unreadable.
+    pub fd_limit: Option<u64>,
+    /// accept() failures for lack of fds since the agent started (needs --pid).
+    pub accept_errors: Option<u64>,
+}
+
+/// A data-losing reset the probes reported since the previous snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResetView {
+    pub cookie: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// The process's name, and the name of the thread that was using the socket.
+    pub comm: String,
+    pub thread_name: String,
+    /// The fd, if the process still holds the socket.
+    pub fd: Option<i32>,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    /// True when this side sent the reset, false when it received it.
+    pub sent: bool,
+    pub unread: u32,
+    pub unsent: u32,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken (the probes' clock).
     pub taken_ns: u64,
     pub sockets: Vec<SocketView>,
+    pub processes: Vec<ProcessView>,
+    pub resets: Vec<ResetView>,
+    /// Each watched thread's current or last socket call (empty without --pid).
+    pub thread_calls: HashMap<u32, ThreadCall>,
+    by_cookie: HashMap<u64, usize>,
 }
 
 impl Snapshot {
+    pub fn new(
+        taken_ns: u64,
+        sockets: Vec<SocketView>,
+        processes: Vec<ProcessView>,
+        resets: Vec<ResetView>,
+        thread_calls: HashMap<u32, ThreadCall>,
+    ) -> Snapshot {
+        let by_cookie = sockets.iter().enumerate().map(|(i, s)| (s.diag.cookie, i)).collect();
+        Snapshot { taken_ns, sockets, processes, resets, thread_calls, by_cookie }
+    }
+
     pub fn find(&self, cookie: u64) -> Option<&SocketView> {
-        self.sockets.iter().find(|s| s.diag.cookie == cookie)
+        self.by_cookie.get(&cookie).map(|&i| &self.sockets[i])
+    }
+
+    pub fn process(&self, pid: u32) -> Option<&ProcessView> {
+        self.processes.iter().find(|p| p.pid == pid)
+    }
+}
+
+/// Who and what an alert is about: the fields every alert, clear and action event carries.
+/// Process-level alerts (fd exhaustion) have no socket fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub fd: Option<i32>,
+    pub cookie: Option<u64>,
+    pub local: Option<String>,
+    pub remote: Option<String>,
+    pub state: Option<&'static str>,
+}
+
+impl Identity {
+    pub fn of_socket(socket: &SocketView) -> Self {
+        Identity {
+            pid: socket.owner.as_ref().map(|o| o.pid),
+            comm: socket.owner.as_ref().map(|o| o.comm.clone()),
+            fd: socket.owner.as_ref().map(|o| o.fd),
+            cookie: Some(socket.cookie()),
+            local: Some(socket.local().to_string()),
+            remote: Some(socket.remote().to_string()),
+            state: Some(state_name(socket.diag.state)),
+        }
+    }
+
+    pub fn of_process(process: &ProcessView) -> Self {
+        Identity {
+            pid: Some(process.pid),
+            comm: Some(process.comm.clone()),
+            fd: None,
+            cookie: None,
+            local: None,
+            remote: None,
+            state: None,
+        }
+    }
+
+    pub fn of_reset(reset: &ResetView) -> Self {
+        Identity {
+            pid: Some(reset.pid),
+            comm: Some(reset.comm.clone()),
+            fd: reset.fd,
+            cookie: Some(reset.cookie),
+            local: Some(reset.local.to_string()),
+            remote: Some(reset.remote.to_string()),
+            state: Some(state_name(reset.state)),
+        }
     }
 }
 
@@ -95,6 +199,16 @@ impl SocketView {
     pub fn retransmits(&self) -> u64 {
         self.diag.tcp.map_or(0, |t| u64::from(t.total_retrans))
     }
+
+    /// What policy rules match this socket against.
+    pub fn subject(&self) -> Subject<'_> {
+        Subject {
+            local_port: Some(self.local().port()),
+            remote_ip: Some(self.remote().ip()),
+            pid: self.owner.as_ref().map(|o| o.pid),
+            comm: self.owner.as_ref().map(|o| o.comm.as_str()),
+        }
+    }
 }
 
 fn min_known(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -112,6 +226,10 @@ pub mod fixtures {
 
     pub const NOW_NS: u64 = 1_000_000_000_000;
 
+    pub fn snapshot(sockets: Vec<SocketView>) -> Snapshot {
+        Snapshot::new(NOW_NS, sockets, vec![], vec![], Default::default())
+    }
+
     pub fn socket(cookie: u64, state: u8, last_sent_ms: u32, last_recv_ms: u32) -> SocketView {
         SocketView {
             diag: DiagSocket {
@@ -128,20 +246,18 @@ pub mod fixtures {
                 uid: 0,
                 inode: 1000 + cookie as u32,
                 shutdown: None,
+                drops: None,
                 tcp: Some(TcpInfo {
                     state,
                     last_data_sent_ms: last_sent_ms,
                     last_data_recv_ms: last_recv_ms,
+                    last_ack_recv_ms: last_recv_ms,
                     bytes_sent: 10,
                     bytes_received: 20,
                     ..TcpInfo::default()
                 }),
             },
-            owner: Some(Owner {
-                pid: 42,
-                fd: 3 + cookie as i32,
-                comm: "server".into(),
-            }),
+            owner: Some(Owner { pid: 42, fd: 3 + cookie as i32, comm: "server".into() }),
             activity: None,
         }
     }
@@ -167,16 +283,8 @@ mod tests {
             last_recv_ns: NOW_NS - 200_000_000,
             ..SockActivity::default()
         });
-        assert_eq!(
-            s.last_send_ms(NOW_NS),
-            Some(5000),
-            "kernel sent more recently than the app"
-        );
-        assert_eq!(
-            s.last_recv_ms(NOW_NS),
-            Some(200),
-            "the app read more recently"
-        );
+        assert_eq!(s.last_send_ms(NOW_NS), Some(5000), "kernel sent more recently than the app");
+        assert_eq!(s.last_recv_ms(NOW_NS), Some(200), "the app read more recently");
         assert_eq!(s.idle_ms(NOW_NS), Some(200));
     }
 }

@@ -19,17 +19,9 @@ pub fn monotonic_ns() -> u64 {
 pub const CAPABILITIES: &[(&str, u32, &str)] = &[
     ("CAP_BPF", 39, "load BPF programs and maps"),
     ("CAP_PERFMON", 38, "attach tracing programs"),
-    (
-        "CAP_SYS_PTRACE",
-        19,
-        "read other processes' fds and threads in /proc",
-    ),
+    ("CAP_SYS_PTRACE", 19, "read other processes' fds and threads in /proc"),
     ("CAP_NET_ADMIN", 12, "destroy sockets through sock_diag"),
-    (
-        "CAP_SYS_ADMIN",
-        21,
-        "enter other network namespaces; stands in for CAP_BPF/CAP_PERFMON",
-    ),
+    ("CAP_SYS_ADMIN", 21, "enter other network namespaces; stands in for CAP_BPF/CAP_PERFMON"),
 ];
 
 /// The effective capability set of this process.
@@ -69,6 +61,14 @@ pub fn missing_for_watch(effective: u64) -> Vec<&'static str> {
     missing
 }
 
+/// net.ipv4.tcp_retries2 (how long TCP retransmits to a silent peer), 15 if unreadable.
+pub fn tcp_retries2() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_retries2")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(15)
+}
+
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 pub fn tracefs_mounted() -> bool {
@@ -93,11 +93,7 @@ pub fn mount_tracefs() -> nix::Result<()> {
 /// best effort (it needs CAP_SYS_RESOURCE).
 pub fn raise_memlock_limit() {
     use nix::sys::resource::{Resource, setrlimit};
-    let _ = setrlimit(
-        Resource::RLIMIT_MEMLOCK,
-        libc::RLIM_INFINITY,
-        libc::RLIM_INFINITY,
-    );
+    let _ = setrlimit(Resource::RLIMIT_MEMLOCK, libc::RLIM_INFINITY, libc::RLIM_INFINITY);
 }
 
 #[cfg(test)]
@@ -108,15 +104,9 @@ mod tests {
     fn capability_bits() {
         let all = u64::MAX;
         assert!(missing_for_watch(all).is_empty());
-        assert_eq!(
-            missing_for_watch(0),
-            vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]
-        );
+        assert_eq!(missing_for_watch(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
         let admin_and_ptrace = (1 << 21) | (1 << 19);
-        assert!(
-            missing_for_watch(admin_and_ptrace).is_empty(),
-            "SYS_ADMIN covers BPF and PERFMON"
-        );
+        assert!(missing_for_watch(admin_and_ptrace).is_empty(), "SYS_ADMIN covers BPF and PERFMON");
     }
 
     #[test]

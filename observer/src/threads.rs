@@ -1,10 +1,15 @@
-//! Which threads are stuck with a socket: those blocked in a call on its fd right now, or failing
-//! that, the one that last sent or received on it.
+//! Which threads are stuck with a socket: those blocked in a call on its fd right now (with how
+//! long, when the probes timed the call), or failing that, the one that last moved data on it.
+use std::collections::HashMap;
+
 use serde::Serialize;
 
-use observer_common::SockActivity;
+use observer_common::{SockActivity, ThreadCall};
 
-use crate::procfs::{Owner, ThreadState};
+use crate::{
+    procfs::{Owner, ThreadState},
+    syscalls,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ThreadInfo {
@@ -13,6 +18,9 @@ pub struct ThreadInfo {
     /// The call the thread is blocked in on this socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_in: Option<&'static str>,
+    /// How long it has been inside that call, as timed by the probes (needs --pid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_ms: Option<u64>,
     /// For a thread that is not blocked on the socket: how long ago it last moved data on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_io_ms: Option<u64>,
@@ -21,17 +29,28 @@ pub struct ThreadInfo {
 pub fn attribute(
     owner: &Owner,
     threads: &[ThreadState],
+    calls: &HashMap<u32, ThreadCall>,
     activity: Option<&SockActivity>,
     now_ns: u64,
 ) -> Vec<ThreadInfo> {
     let blocked: Vec<ThreadInfo> = threads
         .iter()
         .filter_map(|t| {
-            let call = t.blocked.filter(|b| b.fd == owner.fd)?;
+            // The probes' record is exact (and timed); /proc covers what they do not track.
+            let timed = calls.get(&t.tid).filter(|c| c.enter_ns != 0 && c.fd == owner.fd);
+            let (blocked_in, blocked_ms) = match (timed, t.blocked.filter(|b| b.fd == owner.fd)) {
+                (Some(call), _) => (
+                    syscalls::by_nr(i64::from(call.nr)).map_or("syscall", |c| c.name),
+                    Some(now_ns.saturating_sub(call.enter_ns) / 1_000_000),
+                ),
+                (None, Some(seen)) => (seen.syscall, None),
+                (None, None) => return None,
+            };
             Some(ThreadInfo {
                 tid: t.tid,
                 name: t.name.clone(),
-                blocked_in: Some(call.syscall),
+                blocked_in: Some(blocked_in),
+                blocked_ms,
                 last_io_ms: None,
             })
         })
@@ -48,17 +67,16 @@ pub fn attribute(
         .map(|t| t.name.clone())
         .unwrap_or_else(|| comm_str(&last.last_comm));
     let last_io_ns = last.last_send_ns.max(last.last_recv_ns);
-    Some(ThreadInfo {
+    vec![ThreadInfo {
         tid: last.last_tid,
         name,
         blocked_in: None,
+        blocked_ms: None,
         last_io_ms: Some(now_ns.saturating_sub(last_io_ns) / 1_000_000),
-    })
-    .into_iter()
-    .collect()
+    }]
 }
 
-fn comm_str(raw: &[u8; 16]) -> String {
+pub fn comm_str(raw: &[u8; 16]) -> String {
     let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..len]).into_owned()
 }
@@ -69,11 +87,7 @@ mod tests {
     use crate::procfs::BlockedCall;
 
     fn owner() -> Owner {
-        Owner {
-            pid: 100,
-            fd: 7,
-            comm: "srv".into(),
-        }
+        Owner { pid: 100, fd: 7, comm: "srv".into() }
     }
 
     fn thread(tid: u32, name: &str, blocked: Option<(&'static str, i32)>) -> ThreadState {
@@ -91,16 +105,30 @@ mod tests {
             thread(101, "worker-1", Some(("read", 7))),
             thread(102, "worker-2", Some(("read", 8))),
         ];
-        let got = attribute(&owner(), &threads, None, 0);
+        let got = attribute(&owner(), &threads, &HashMap::new(), None, 0);
         assert_eq!(
             got,
             vec![ThreadInfo {
                 tid: 101,
                 name: "worker-1".into(),
                 blocked_in: Some("read"),
+                blocked_ms: None,
                 last_io_ms: None
             }]
         );
+    }
+
+    #[test]
+    fn probe_timed_calls_give_blocked_ms() {
+        let threads = [thread(101, "worker-1", Some(("read", 7))), thread(102, "worker-2", None)];
+        let calls = HashMap::from([
+            (101, ThreadCall { enter_ns: 1_000_000_000, nr: libc::SYS_recvfrom as u32, fd: 7 }),
+            // Thread 102's last call on this fd has returned: not blocked.
+            (102, ThreadCall { enter_ns: 0, nr: libc::SYS_recvfrom as u32, fd: 7 }),
+        ]);
+        let got = attribute(&owner(), &threads, &calls, None, 43_000_000_000);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("recvfrom"), Some(42_000)));
     }
 
     #[test]
@@ -117,6 +145,7 @@ mod tests {
         let got = attribute(
             &owner(),
             &[thread(100, "main", None)],
+            &HashMap::new(),
             Some(&activity),
             5_000_000_000,
         );
@@ -129,11 +158,7 @@ mod tests {
 
     #[test]
     fn io_by_another_process_is_not_attributed_to_the_owner() {
-        let activity = SockActivity {
-            last_tgid: 999,
-            last_tid: 999,
-            ..Default::default()
-        };
-        assert!(attribute(&owner(), &[], Some(&activity), 0).is_empty());
+        let activity = SockActivity { last_tgid: 999, last_tid: 999, ..Default::default() };
+        assert!(attribute(&owner(), &[], &HashMap::new(), Some(&activity), 0).is_empty());
     }
 }

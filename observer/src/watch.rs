@@ -12,18 +12,18 @@ use tokio::{
 };
 
 use crate::{
-    alerts::{AlertBook, Cleared},
+    alerts::{AlertBook, ClearWhy, Cleared},
     btf::Btf,
     cli::WatchArgs,
     collect::Collector,
-    detect::{Rules, detect},
-    output::{
-        AlertEvent, ClearWhy, ClearedEvent, Event, Output, StartedEvent, StatsEvent, timestamp,
-    },
+    detect::{Detector, Finding, KernelFacts, Target},
+    output::{AlertEvent, ClearedEvent, Event, Output, StartedEvent, StatsEvent, timestamp},
+    policy::Policy,
     probes::{Backend, LoadOptions, Probes},
     procfs::{self, ProcessIdentity},
     snapshot::Snapshot,
-    system, threads,
+    system,
+    threads::{self, ThreadInfo},
 };
 
 /// Consecutive failed polls after which the agent gives up instead of silently seeing nothing.
@@ -37,6 +37,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    let policy = match &args.config {
+        Some(path) => Policy::from_file(path)?,
+        None => Policy::default(),
+    }
+    .with_command_line(args.overrides());
     let mut targets = Vec::new();
     for &pid in &args.pids {
         targets.push(ProcessIdentity::of(pid)?);
@@ -44,16 +49,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     system::raise_memlock_limit();
     let btf = Btf::from_kernel()?;
     let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
-    let options = LoadOptions {
-        pids: pids.clone(),
-        max_sockets: args.max_sockets,
-    };
+    let options = LoadOptions { pids: pids.clone(), max_sockets: args.max_sockets };
     let probes = Probes::load(Backend::Tracepoint, &options, &btf)?;
     let mut collector = Collector::new(&pids, &args.ports)?;
+    let facts = KernelFacts { tcp_retries2: system::tcp_retries2() };
     let mut watch = Watch {
-        rules: Rules {
-            idle_timeout: args.idle_timeout,
-        },
+        detector: Detector::new(policy, facts),
         book: AlertBook::default(),
         out: Output::new(std::io::stdout().lock()),
         probes,
@@ -68,15 +69,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         ports: args.ports.clone(),
         kernel: system::kernel_release(),
         poll_interval_ms: args.poll_interval.as_millis() as u64,
-        idle_timeout_ms: args.idle_timeout.as_millis() as u64,
+        thread_timing: watch.probes.tracks_threads(),
+        config: args.config.as_ref().map(|p| p.display().to_string()),
+        thresholds: watch.detector.policy().base().into(),
     }))?;
     log::info!(
         "watching {} with the {} backend",
-        if pids.is_empty() {
-            "every TCP socket".to_owned()
-        } else {
-            format!("pids {pids:?}")
-        },
+        if pids.is_empty() { "every TCP socket".to_owned() } else { format!("pids {pids:?}") },
         watch.probes.backend().name()
     );
 
@@ -94,11 +93,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             _ = interrupt.recv() => break "signal",
             _ = terminate.recv() => break "signal",
         }
-        let exited: Vec<u32> = targets
-            .iter()
-            .filter(|t| !t.is_alive())
-            .map(|t| t.pid)
-            .collect();
+        let exited: Vec<u32> = targets.iter().filter(|t| !t.is_alive()).map(|t| t.pid).collect();
         targets.retain(|t| !exited.contains(&t.pid));
         collector.retain_pids(&targets.iter().map(|t| t.pid).collect::<Vec<_>>());
 
@@ -113,13 +108,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             }
         }
         for pid in exited {
-            watch.emit(Event::TargetExited {
-                ts: timestamp(SystemTime::now()),
-                pid,
-            })?;
+            watch.emit(Event::TargetExited { ts: timestamp(SystemTime::now()), pid })?;
         }
         if !pids.is_empty() && targets.is_empty() {
-            let leftovers = watch.book.clear_all(ClearWhy::SocketClosed);
+            let leftovers = watch.book.clear_all(ClearWhy::ProcessExited);
             watch.emit_cleared(leftovers)?;
             break "targets_exited";
         }
@@ -128,16 +120,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             watch.emit_stats()?;
         }
     };
-    watch.emit(Event::Stopped {
-        ts: timestamp(SystemTime::now()),
-        reason: stop_reason,
-    })?;
+    watch.emit(Event::Stopped { ts: timestamp(SystemTime::now()), reason: stop_reason })?;
     // Dropping `watch` detaches and unloads every program.
     Ok(())
 }
 
 struct Watch<W: Write> {
-    rules: Rules,
+    detector: Detector,
     book: AlertBook,
     out: Output<W>,
     probes: Probes,
@@ -167,17 +156,13 @@ impl<W: Write> Watch<W> {
 
     fn poll(&mut self, collector: &mut Collector) -> anyhow::Result<()> {
         let started = Instant::now();
-        let snapshot = collector.collect(&self.probes)?;
-        let findings = detect(&snapshot, &self.rules);
+        let snapshot = collector.collect(&mut self.probes)?;
+        let findings = self.detector.observe(&snapshot);
         let (raised, cleared) = self.book.update(&snapshot, &findings);
         let elapsed = started.elapsed();
         self.stats.polls += 1;
         self.stats.sockets = snapshot.sockets.len();
-        self.stats.tracked = snapshot
-            .sockets
-            .iter()
-            .filter(|s| s.activity.is_some())
-            .count();
+        self.stats.tracked = snapshot.sockets.iter().filter(|s| s.activity.is_some()).count();
         self.stats.last_poll = elapsed;
         self.stats.max_poll = self.stats.max_poll.max(elapsed);
 
@@ -186,16 +171,13 @@ impl<W: Write> Watch<W> {
         let mut thread_cache = HashMap::new();
         let alerts: Vec<AlertEvent> = raised
             .into_iter()
-            .filter_map(|finding| {
-                let socket = snapshot.find(finding.cookie)?;
-                let threads = thread_attribution(&snapshot, finding.cookie, &mut thread_cache);
-                Some(AlertEvent::new(
-                    now,
-                    snapshot.taken_ns,
-                    socket,
-                    finding,
-                    threads,
-                ))
+            .map(|finding| {
+                let socket = match finding.target {
+                    Target::Socket(cookie) => snapshot.find(cookie),
+                    Target::Process(_) => None,
+                };
+                let threads = thread_attribution(&snapshot, finding, &mut thread_cache);
+                AlertEvent::new(now, snapshot.taken_ns, finding, socket, threads)
             })
             .collect();
         for alert in alerts {
@@ -206,40 +188,53 @@ impl<W: Write> Watch<W> {
 
     fn emit_stats(&mut self) -> anyhow::Result<()> {
         let probe_counters: BTreeMap<_, _> = self.probes.counters().into_iter().collect();
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let event = StatsEvent {
             ts: timestamp(SystemTime::now()),
             polls: self.stats.polls,
             sockets: self.stats.sockets,
             tracked: self.stats.tracked,
             alerts_active: self.book.active_count(),
-            last_poll_ms: self.stats.last_poll.as_secs_f64() * 1000.0,
-            max_poll_ms: self.stats.max_poll.as_secs_f64() * 1000.0,
+            last_poll_ms: ms(self.stats.last_poll),
+            max_poll_ms: ms(self.stats.max_poll),
             probe_counters,
         };
         self.emit(Event::Stats(event))
     }
 }
 
-/// The owner's threads stuck with this socket. /proc is read once per process per poll, and only
-/// for processes with a new alert.
+/// The owner's threads stuck with an alert's socket. /proc is read once per process per poll,
+/// and only for processes with a new alert.
 fn thread_attribution(
     snapshot: &Snapshot,
-    cookie: u64,
+    finding: &Finding,
     cache: &mut HashMap<u32, Vec<procfs::ThreadState>>,
-) -> Vec<threads::ThreadInfo> {
-    let Some(socket) = snapshot.find(cookie) else {
-        return vec![];
-    };
-    let Some(owner) = &socket.owner else {
-        return vec![];
-    };
-    let process_threads = cache
-        .entry(owner.pid)
-        .or_insert_with(|| procfs::threads(owner.pid));
-    threads::attribute(
-        owner,
-        process_threads,
-        socket.activity.as_ref(),
-        snapshot.taken_ns,
-    )
+) -> Vec<ThreadInfo> {
+    let Target::Socket(cookie) = finding.target else { return vec![] };
+    if let Some(socket) = snapshot.find(cookie)
+        && let Some(owner) = &socket.owner
+    {
+        let process_threads = cache.entry(owner.pid).or_insert_with(|| procfs::threads(owner.pid));
+        return threads::attribute(
+            owner,
+            process_threads,
+            &snapshot.thread_calls,
+            socket.activity.as_ref(),
+            snapshot.taken_ns,
+        );
+    }
+    // A socket already gone (a reset on close): the thread that was using it.
+    snapshot
+        .resets
+        .iter()
+        .find(|r| r.cookie == cookie && r.tid != 0)
+        .map(|r| ThreadInfo {
+            tid: r.tid,
+            name: r.thread_name.clone(),
+            blocked_in: None,
+            blocked_ms: None,
+            last_io_ms: None,
+        })
+        .into_iter()
+        .collect()
 }

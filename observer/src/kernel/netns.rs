@@ -30,9 +30,5 @@ pub fn diag_socket_in(pid: u32) -> Result<DiagSocketHandle, DiagError> {
         DiagSocketHandle::open()
     })
     .join()
-    .unwrap_or_else(|_| {
-        Err(DiagError::Open(io::Error::other(
-            "namespace thread panicked",
-        )))
-    })
+    .unwrap_or_else(|_| Err(DiagError::Open(io::Error::other("namespace thread panicked"))))
 }

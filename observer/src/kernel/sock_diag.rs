@@ -20,6 +20,9 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_SKMEMINFO: u16 = 7;
+/// Index of sk_drops in the SK_MEMINFO array.
+const SK_MEMINFO_DROPS: usize = 8;
 const INET_DIAG_SHUTDOWN: u16 = 8;
 
 const NLMSG_HDR_LEN: usize = 16;
@@ -58,6 +61,9 @@ pub struct DiagSocket {
     pub inode: u32,
     /// shutdown(2) state: bit 0 receive side closed, bit 1 send side closed.
     pub shutdown: Option<u8>,
+    /// Packets the socket dropped; for a listener, connections refused because its accept
+    /// queue was full.
+    pub drops: Option<u32>,
     pub tcp: Option<TcpInfo>,
 }
 
@@ -80,19 +86,12 @@ impl DiagSocketHandle {
     pub fn open() -> Result<Self, DiagError> {
         // SAFETY: plain socket(2); the fd is owned right away.
         let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                NETLINK_SOCK_DIAG,
-            )
+            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
         };
         if raw < 0 {
             return Err(DiagError::Open(io::Error::last_os_error()));
         }
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-            seq: 0,
-        })
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) }, seq: 0 })
     }
 
     /// All TCP sockets of both address families whose state is in `states` (a bit per state).
@@ -114,11 +113,7 @@ impl DiagSocketHandle {
     /// Destroys the one socket matching `id` exactly (cookie included), as `ss -K` does. The
     /// kernel refuses with ESTALE if the cookie no longer names that socket.
     pub fn destroy(&mut self, id: &SockId) -> Result<(), DiagError> {
-        let family = if id.local.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        } as u8;
+        let family = if id.local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 } as u8;
         let request = encode_request(family, u32::MAX, Some(id));
         self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request)?;
         self.receive(|_, _| Ok(()))
@@ -213,7 +208,9 @@ fn encode_request(family: u8, states: u32, id: Option<&SockId>) -> Vec<u8> {
     req.push(family);
     req.push(libc::IPPROTO_TCP as u8);
     // Extensions wanted in the reply: bit (attribute - 1).
-    let extensions = (1u8 << (INET_DIAG_INFO - 1)) | (1u8 << (INET_DIAG_SHUTDOWN - 1));
+    let extensions = (1u8 << (INET_DIAG_INFO - 1))
+        | (1u8 << (INET_DIAG_SKMEMINFO - 1))
+        | (1u8 << (INET_DIAG_SHUTDOWN - 1));
     req.push(extensions);
     req.push(0);
     req.extend_from_slice(&states.to_ne_bytes());
@@ -281,6 +278,7 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         uid: u32_at(64),
         inode: u32_at(68),
         shutdown: None,
+        drops: None,
         tcp: None,
     };
     let mut attrs = &payload[DIAG_MSG_LEN..];
@@ -294,6 +292,11 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         match kind {
             INET_DIAG_INFO => socket.tcp = Some(TcpInfo::parse(value)),
             INET_DIAG_SHUTDOWN => socket.shutdown = value.first().copied(),
+            INET_DIAG_SKMEMINFO => {
+                let at = SK_MEMINFO_DROPS * 4;
+                socket.drops =
+                    value.get(at..at + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
+            }
             _ => {}
         }
         attrs = &attrs[align4(len).min(attrs.len())..];
@@ -329,6 +332,12 @@ mod tests {
         msg.extend_from_slice(&5u16.to_ne_bytes());
         msg.extend_from_slice(&INET_DIAG_SHUTDOWN.to_ne_bytes());
         msg.extend_from_slice(&[1, 0, 0, 0]);
+        // INET_DIAG_SKMEMINFO: nine u32 counters, drops last.
+        msg.extend_from_slice(&(4u16 + 36).to_ne_bytes());
+        msg.extend_from_slice(&INET_DIAG_SKMEMINFO.to_ne_bytes());
+        for v in 0u32..9 {
+            msg.extend_from_slice(&(v * 100).to_ne_bytes());
+        }
         msg
     }
 
@@ -341,6 +350,7 @@ mod tests {
         assert_eq!((s.rqueue, s.wqueue, s.uid, s.inode), (5, 10, 1000, 4242));
         assert_eq!(s.cookie, 0x1_0000_0002);
         assert_eq!(s.shutdown, Some(1));
+        assert_eq!(s.drops, Some(800));
         assert!(s.tcp.is_none());
     }
 

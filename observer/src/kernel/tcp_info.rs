@@ -33,12 +33,10 @@ impl TcpInfo {
     pub fn parse(raw: &[u8]) -> TcpInfo {
         let u8_at = |at: usize| raw.get(at).copied().unwrap_or(0);
         let u32_at = |at: usize| {
-            raw.get(at..at + 4)
-                .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
+            raw.get(at..at + 4).map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
         };
         let u64_at = |at: usize| {
-            raw.get(at..at + 8)
-                .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
+            raw.get(at..at + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
         };
         TcpInfo {
             state: u8_at(0),
@@ -78,14 +76,8 @@ mod tests {
         raw[228..232].copy_from_slice(&65536u32.to_ne_bytes());
         let info = TcpInfo::parse(&raw);
         assert_eq!((info.state, info.retransmits, info.unacked), (1, 3, 7));
-        assert_eq!(
-            (info.last_data_sent_ms, info.last_data_recv_ms),
-            (1500, 2500)
-        );
-        assert_eq!(
-            (info.bytes_received, info.bytes_sent, info.snd_wnd),
-            (99, 1234, 65536)
-        );
+        assert_eq!((info.last_data_sent_ms, info.last_data_recv_ms), (1500, 2500));
+        assert_eq!((info.bytes_received, info.bytes_sent, info.snd_wnd), (99, 1234, 65536));
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! check the agent's alerts against the truth.
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{Shutdown, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::Mutex,
+    time::Duration,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -19,13 +20,56 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// A thread-per-connection echo server, the kind that leaks a thread per stuck client.
-    /// Prints `listening`, then `accepted` (with the worker's fd and tid) and `closed` per
-    /// connection.
-    ThreadPerConnection {
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: String,
-    },
+    /// A thread-per-connection server, the kind that leaks a thread per stuck client. Prints
+    /// `listening`, then `accepted` (with the worker's fd and tid) and `closed` per connection,
+    /// and `accept_failed` when accept() fails.
+    ThreadPerConnection(ServerArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// listen() backlog.
+    #[arg(long, default_value_t = 128)]
+    backlog: i32,
+    /// Wait this long before accepting anything (a stalled accept loop).
+    #[arg(long, default_value_t = 0)]
+    accept_delay_ms: u64,
+    /// Lower RLIMIT_NOFILE to this (fd exhaustion).
+    #[arg(long)]
+    nofile: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    mode: Mode,
+    /// What a worker does when its client closes (echo mode).
+    #[arg(long, value_enum, default_value_t = OnEof::Close)]
+    on_eof: OnEof,
+    /// Turn TCP keepalive on for accepted connections, first probe after this many seconds.
+    #[arg(long)]
+    keepalive_idle: Option<i32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Echo what the client sends until it closes.
+    Echo,
+    /// Write data as fast as the client takes it, forever.
+    Stream,
+    /// Keep-alive HTTP-ish: read a request up to its blank line, answer, repeat. A client that
+    /// never finishes its request (slow-loris) never gets an answer.
+    Http,
+    /// Read a 4-byte request, answer, close at once: unread request bytes make the kernel
+    /// send a reset (the lingering-close failure).
+    LingeringClose,
+    /// Read a 4-byte request, answer, shut down writing, drain the rest, then close.
+    GracefulClose,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnEof {
+    Close,
+    /// Never close: the socket stays in CLOSE_WAIT and its fd leaks.
+    Leak,
 }
 
 static STDOUT: Mutex<()> = Mutex::new(());
@@ -44,29 +88,64 @@ fn gettid() -> i64 {
 
 fn main() {
     match Cli::parse().scenario {
-        Scenario::ThreadPerConnection { listen } => thread_per_connection(&listen),
+        Scenario::ThreadPerConnection(args) => thread_per_connection(&args),
     }
 }
 
-fn thread_per_connection(listen: &str) {
-    let listener = TcpListener::bind(listen).expect("bind");
+fn thread_per_connection(args: &ServerArgs) {
+    if let Some(n) = args.nofile {
+        let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+        // SAFETY: a plain setrlimit with a valid struct.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0, "setrlimit");
+    }
+    let listener = TcpListener::bind(&args.listen).expect("bind");
+    // listen() again on a listening socket just changes its backlog.
+    // SAFETY: listen(2) on our own socket.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), args.backlog) }, 0, "listen");
     report(json!({
         "event": "listening",
         "pid": std::process::id(),
         "local": listener.local_addr().unwrap().to_string(),
         "fd": listener.as_raw_fd(),
     }));
-    for (n, conn) in listener.incoming().enumerate() {
-        let Ok(conn) = conn else { continue };
+    std::thread::sleep(Duration::from_millis(args.accept_delay_ms));
+    let mut n = 0;
+    loop {
+        let conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                report(json!({ "event": "accept_failed", "errno": e.raw_os_error() }));
+                // Out of fds: back off instead of spinning, as a real server would.
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        if let Some(idle) = args.keepalive_idle {
+            set_keepalive(&conn, idle);
+        }
+        let (mode, on_eof) = (args.mode, args.on_eof);
         std::thread::Builder::new()
             .name(format!("worker-{n}"))
-            .spawn(move || echo(conn))
+            .spawn(move || serve(conn, mode, on_eof))
             .expect("spawn worker");
+        n += 1;
     }
 }
 
-/// Echoes until the client closes, reporting its fd and thread id first.
-fn echo(mut conn: TcpStream) {
+fn set_keepalive(conn: &TcpStream, idle_secs: i32) {
+    let set = |level, name, value: i32| {
+        // SAFETY: setsockopt with an int option on our own socket.
+        let rc = unsafe {
+            libc::setsockopt(conn.as_raw_fd(), level, name, (&raw const value).cast(), 4)
+        };
+        assert_eq!(rc, 0, "setsockopt");
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_secs);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle_secs);
+}
+
+fn serve(mut conn: TcpStream, mode: Mode, on_eof: OnEof) {
     let fd = conn.as_raw_fd();
     report(json!({
         "event": "accepted",
@@ -75,16 +154,55 @@ fn echo(mut conn: TcpStream) {
         "local": conn.local_addr().unwrap().to_string(),
         "remote": conn.peer_addr().unwrap().to_string(),
     }));
-    let mut buf = [0u8; 4096];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if conn.write_all(&buf[..n]).is_err() {
-                    break;
+    match mode {
+        Mode::Echo => {
+            let mut buf = [0u8; 4096];
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) if matches!(on_eof, OnEof::Leak) => {
+                        report(json!({ "event": "eof_ignored", "fd": fd }));
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Mode::Stream => {
+            let chunk = vec![b'x'; 64 * 1024];
+            while conn.write_all(&chunk).is_ok() {}
+        }
+        Mode::Http => {
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while matches!(conn.read(&mut byte), Ok(1)) {
+                request.push(byte[0]);
+                if request.ends_with(b"\r\n\r\n") {
+                    request.clear();
+                    if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        Mode::LingeringClose | Mode::GracefulClose => {
+            let mut request = [0u8; 4];
+            if conn.read_exact(&mut request).is_ok() {
+                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello\n");
+                if matches!(mode, Mode::GracefulClose) {
+                    let _ = conn.shutdown(Shutdown::Write);
+                    let mut rest = Vec::new();
+                    let _ = conn.read_to_end(&mut rest);
                 }
             }
         }
     }
     report(json!({ "event": "closed", "fd": fd }));
+    drop(conn);
 }

@@ -1,0 +1,358 @@
+//! Each rule on synthetic snapshots: it fires on the failure it names, and not on a healthy
+//! connection of the same shape.
+use std::time::Duration;
+
+use super::*;
+use crate::{
+    policy::Overrides,
+    snapshot::{ProcessView, SocketView, fixtures::*},
+};
+
+const S: u64 = 1_000_000_000;
+
+fn detector() -> Detector {
+    Detector::new(Policy::default(), KernelFacts::default())
+}
+
+fn detector_with(overrides: Overrides) -> Detector {
+    Detector::new(Policy::default().with_command_line(overrides), KernelFacts::default())
+}
+
+fn at(t_ns: u64, sockets: Vec<SocketView>) -> Snapshot {
+    Snapshot::new(t_ns, sockets, vec![], vec![], Default::default())
+}
+
+fn reasons(findings: &[Finding]) -> Vec<Reason> {
+    findings.iter().map(|f| f.reason).collect()
+}
+
+/// Runs `steps` polls one `step` apart; `shape(i)` gives the socket at poll i. Returns the
+/// findings of the last poll.
+fn run(
+    det: &mut Detector,
+    steps: u64,
+    step: u64,
+    shape: impl Fn(u64) -> SocketView,
+) -> Vec<Finding> {
+    let mut last = vec![];
+    for i in 0..=steps {
+        last = det.observe(&at(NOW_NS + i * step, vec![shape(i)]));
+    }
+    last
+}
+
+// --- idle ------------------------------------------------------------------------------------
+
+#[test]
+fn idle_established_socket_is_found_with_its_idle_time() {
+    let found = detector().observe(&snapshot(vec![socket(1, 1, 61_000, 65_000)]));
+    assert_eq!(reasons(&found), vec![Reason::Idle]);
+    assert!(found[0].detail.contains("61.0s"), "{}", found[0].detail);
+    assert_eq!(found[0].identity.cookie, Some(1));
+}
+
+#[test]
+fn recent_traffic_in_either_direction_is_not_idle() {
+    let s = snapshot(vec![socket(1, 1, 61_000, 59_999), socket(2, 1, 100, 90_000)]);
+    assert!(detector().observe(&s).is_empty());
+}
+
+#[test]
+fn only_established_sockets_with_nothing_to_send_are_idle() {
+    let mut queued = socket(3, 1, 99_000, 99_000);
+    queued.diag.wqueue = 10;
+    let s = snapshot(vec![socket(1, 10, 99_000, 99_000), queued]);
+    assert!(!reasons(&detector().observe(&s)).contains(&Reason::Idle));
+}
+
+#[test]
+fn recent_application_read_seen_by_probes_keeps_socket_active() {
+    let mut s = socket(1, 1, 120_000, 120_000);
+    s.activity =
+        Some(observer_common::SockActivity { last_recv_ns: NOW_NS - S, ..Default::default() });
+    assert!(detector().observe(&snapshot(vec![s])).is_empty());
+}
+
+// --- slow_transfer ---------------------------------------------------------------------------
+
+fn trickle(i: u64, bytes_per_step: u64, answers: bool) -> SocketView {
+    let mut s = socket(1, 1, 100, 100);
+    let tcp = s.diag.tcp.as_mut().unwrap();
+    tcp.bytes_received = 1000 + i * bytes_per_step;
+    tcp.bytes_acked = if answers { 500 + i * 40 } else { 500 };
+    s
+}
+
+#[test]
+fn slow_loris_trickle_is_a_slow_transfer() {
+    let mut det =
+        detector_with(Overrides { slow_after: Some(Duration::from_secs(3)), ..Default::default() });
+    // One byte every half second for four seconds: 2 B/s.
+    let found = run(&mut det, 8, S / 2, |i| trickle(i, 1, false));
+    assert_eq!(reasons(&found), vec![Reason::SlowTransfer]);
+    let m = &found[0].metrics;
+    assert_eq!(m["direction"], "receiving");
+    let rate = m["rate_bytes_per_sec"].as_f64().unwrap();
+    assert!((1.5..=2.5).contains(&rate), "{m:?}");
+}
+
+#[test]
+fn slow_loris_needs_a_full_window_first() {
+    let mut det =
+        detector_with(Overrides { slow_after: Some(Duration::from_secs(3)), ..Default::default() });
+    assert!(run(&mut det, 5, S / 2, |i| trickle(i, 1, false)).is_empty(), "only 2.5 s observed");
+}
+
+#[test]
+fn request_response_at_a_low_rate_is_not_slow_loris() {
+    let mut det =
+        detector_with(Overrides { slow_after: Some(Duration::from_secs(3)), ..Default::default() });
+    assert!(run(&mut det, 12, S / 2, |i| trickle(i, 1, true)).is_empty());
+}
+
+#[test]
+fn a_fast_one_way_transfer_is_not_slow() {
+    let mut det =
+        detector_with(Overrides { slow_after: Some(Duration::from_secs(3)), ..Default::default() });
+    assert!(run(&mut det, 12, S / 2, |i| trickle(i, 10_000, false)).is_empty());
+}
+
+#[test]
+fn one_burst_then_silence_is_not_a_trickle() {
+    let mut det =
+        detector_with(Overrides { slow_after: Some(Duration::from_secs(3)), ..Default::default() });
+    let found = run(&mut det, 12, S / 2, |i| {
+        let mut s = trickle(if i == 0 { 0 } else { 1 }, 10, false);
+        s.diag.tcp.as_mut().unwrap().last_data_recv_ms = (i * 500) as u32;
+        s
+    });
+    assert!(!reasons(&found).contains(&Reason::SlowTransfer), "{found:?}");
+}
+
+// --- blocked_send / retransmitting -----------------------------------------------------------
+
+fn stuck_sender(acked: u64, retransmits: u8) -> SocketView {
+    let mut s = socket(1, 1, 40_000, 40_000);
+    s.diag.wqueue = 2_000_000;
+    let tcp = s.diag.tcp.as_mut().unwrap();
+    tcp.bytes_acked = acked;
+    tcp.retransmits = retransmits;
+    tcp.unacked = if retransmits > 0 { 10 } else { 0 };
+    tcp.notsent_bytes = 1_500_000;
+    tcp.last_ack_recv_ms = 200;
+    s
+}
+
+#[test]
+fn peer_that_stopped_reading_blocks_the_sender() {
+    let found = run(&mut detector(), 31, S, |_| stuck_sender(5_000, 0));
+    assert_eq!(reasons(&found), vec![Reason::BlockedSend]);
+    assert_eq!(found[0].metrics["send_queue_bytes"], 2_000_000);
+    assert!(found[0].metrics["stalled_ms"].as_u64().unwrap() >= 30_000);
+}
+
+#[test]
+fn a_slow_but_moving_sender_is_not_blocked() {
+    let found = run(&mut detector(), 40, S, |i| stuck_sender(5_000 + i * 100, 0));
+    assert!(found.is_empty(), "{found:?}");
+}
+
+#[test]
+fn vanished_peer_is_retransmitting_not_blocked() {
+    let found = run(&mut detector(), 31, S, |_| stuck_sender(5_000, 4));
+    assert_eq!(reasons(&found), vec![Reason::Retransmitting]);
+    let m = &found[0].metrics;
+    assert_eq!(m["retransmits_in_a_row"], 4);
+    assert!(m["gives_up_in_ms"].as_u64().unwrap() < 924_600 - 30_000);
+}
+
+#[test]
+fn a_retransmission_that_recovers_is_not_reported() {
+    let found = run(&mut detector(), 40, S, |i| stuck_sender(5_000 + i * 1000, 1));
+    assert!(found.is_empty(), "{found:?}");
+}
+
+// --- close_wait ------------------------------------------------------------------------------
+
+#[test]
+fn close_wait_after_its_timeout() {
+    let found = run(&mut detector(), 61, S, |_| socket(1, 8, 100, 100));
+    assert_eq!(reasons(&found), vec![Reason::CloseWait]);
+    assert!(found[0].metrics["close_wait_ms"].as_u64().unwrap() >= 60_000);
+    assert!(run(&mut detector(), 59, S, |_| socket(1, 8, 100, 100)).is_empty());
+}
+
+// --- accept_queue_overflow -------------------------------------------------------------------
+
+fn listener(queued: u32, limit: u32, drops: u32) -> SocketView {
+    let mut s = socket(1, 10, 0, 0);
+    s.diag.rqueue = queued;
+    s.diag.wqueue = limit;
+    s.diag.drops = Some(drops);
+    s
+}
+
+#[test]
+fn full_accept_queue_is_an_overflow() {
+    let found = detector().observe(&snapshot(vec![listener(2, 1, 0)]));
+    assert_eq!(reasons(&found), vec![Reason::AcceptQueueOverflow]);
+    assert_eq!(
+        (found[0].metrics["queue_length"].as_u64(), found[0].metrics["queue_limit"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(
+        detector().observe(&snapshot(vec![listener(1, 1, 0)])).is_empty(),
+        "at the limit, not over"
+    );
+}
+
+#[test]
+fn drops_between_polls_are_an_overflow_for_a_while() {
+    let mut det = detector();
+    assert!(det.observe(&at(NOW_NS, vec![listener(0, 128, 5)])).is_empty(), "old drops");
+    assert_eq!(
+        reasons(&det.observe(&at(NOW_NS + S, vec![listener(0, 128, 9)]))),
+        vec![Reason::AcceptQueueOverflow]
+    );
+    assert_eq!(det.observe(&at(NOW_NS + 5 * S, vec![listener(0, 128, 9)])).len(), 1);
+    assert!(det.observe(&at(NOW_NS + 12 * S, vec![listener(0, 128, 9)])).is_empty());
+}
+
+// --- keepalive_missing -----------------------------------------------------------------------
+
+fn remote_idle(ms: u32, timer: u8, expires_ms: u32) -> SocketView {
+    let mut s = socket(1, 1, ms, ms);
+    s.diag.remote = "10.0.0.2:51000".parse().unwrap();
+    s.diag.timer = timer;
+    s.diag.timer_expires_ms = expires_ms;
+    s
+}
+
+#[test]
+fn silent_connection_without_keepalive_will_be_dropped_by_a_middlebox() {
+    let found = detector().observe(&snapshot(vec![remote_idle(301_000, 0, 0)]));
+    assert!(reasons(&found).contains(&Reason::KeepaliveMissing));
+    let f = found.iter().find(|f| f.reason == Reason::KeepaliveMissing).unwrap();
+    assert_eq!(f.metrics["keepalive"], false);
+}
+
+#[test]
+fn keepalive_too_late_is_reported_too() {
+    let found = detector().observe(&snapshot(vec![remote_idle(301_000, 2, 6_899_000)]));
+    let f = found.iter().find(|f| f.reason == Reason::KeepaliveMissing).unwrap();
+    assert_eq!(
+        (f.metrics["keepalive"].as_bool(), f.metrics["keepalive_next_probe_ms"].as_u64()),
+        (Some(true), Some(6_899_000))
+    );
+}
+
+#[test]
+fn working_keepalive_or_loopback_is_fine() {
+    let mut kept = remote_idle(400_000, 2, 30_000);
+    kept.diag.tcp.as_mut().unwrap().last_ack_recv_ms = 50_000; // the peer answered a probe
+    let lo = socket(2, 1, 400_000, 400_000);
+    let found = detector().observe(&snapshot(vec![kept, lo]));
+    assert!(!reasons(&found).contains(&Reason::KeepaliveMissing), "{found:?}");
+}
+
+// --- fd_pressure -----------------------------------------------------------------------------
+
+fn process(fds: u32, limit: Option<u64>, accept_errors: u64) -> ProcessView {
+    ProcessView {
+        pid: 42,
+        comm: "server".into(),
+        fds_used: fds,
+        fd_limit: limit,
+        accept_errors: Some(accept_errors),
+    }
+}
+
+fn poll_processes(det: &mut Detector, t: u64, p: ProcessView) -> Vec<Finding> {
+    det.observe(&Snapshot::new(NOW_NS + t, vec![], vec![p], vec![], Default::default()))
+}
+
+#[test]
+fn nearly_exhausted_fds_are_fd_pressure() {
+    let found = poll_processes(&mut detector(), 0, process(95, Some(100), 0));
+    assert_eq!(reasons(&found), vec![Reason::FdPressure]);
+    assert_eq!(found[0].target, Target::Process(42));
+    assert_eq!(
+        (found[0].metrics["fds_used"].as_u64(), found[0].metrics["fds_limit"].as_u64()),
+        (Some(95), Some(100))
+    );
+    assert!(poll_processes(&mut detector(), 0, process(50, Some(100), 0)).is_empty());
+    assert!(poll_processes(&mut detector(), 0, process(5000, None, 0)).is_empty(), "unlimited");
+}
+
+#[test]
+fn failing_accepts_are_fd_pressure_while_recent() {
+    let mut det = detector();
+    assert!(
+        poll_processes(&mut det, 0, process(10, Some(1000), 3)).is_empty(),
+        "errors from before"
+    );
+    assert_eq!(poll_processes(&mut det, S, process(10, Some(1000), 7)).len(), 1);
+    assert!(poll_processes(&mut det, 20 * S, process(10, Some(1000), 7)).is_empty());
+}
+
+// --- reset_unread ----------------------------------------------------------------------------
+
+fn reset(cookie: u64) -> ResetView {
+    ResetView {
+        cookie,
+        pid: 42,
+        tid: 43,
+        comm: "server".into(),
+        thread_name: "worker".into(),
+        fd: None,
+        local: "127.0.0.1:8080".parse().unwrap(),
+        remote: "127.0.0.1:40001".parse().unwrap(),
+        state: 7,
+        sent: true,
+        unread: 17,
+        unsent: 0,
+    }
+}
+
+#[test]
+fn reset_with_unread_data_is_reported_once_then_gone_with_the_socket() {
+    let mut det = detector();
+    let first =
+        det.observe(&Snapshot::new(NOW_NS, vec![], vec![], vec![reset(9)], Default::default()));
+    assert_eq!(reasons(&first), vec![Reason::ResetUnread]);
+    assert_eq!(first[0].metrics["unread_bytes"], 17);
+    assert_eq!(first[0].identity.local.as_deref(), Some("127.0.0.1:8080"));
+    assert!(det.observe(&at(NOW_NS + S, vec![])).is_empty());
+}
+
+#[test]
+fn reset_socket_that_lingers_keeps_its_finding() {
+    let mut det = detector();
+    let lingering = socket(9, 7, 0, 0);
+    let snap =
+        Snapshot::new(NOW_NS, vec![lingering.clone()], vec![], vec![reset(9)], Default::default());
+    assert_eq!(det.observe(&snap).len(), 1);
+    assert_eq!(reasons(&det.observe(&at(NOW_NS + S, vec![lingering]))), vec![Reason::ResetUnread]);
+    assert!(det.observe(&at(NOW_NS + 2 * S, vec![])).is_empty());
+}
+
+// --- policy ----------------------------------------------------------------------------------
+
+#[test]
+fn policy_ignores_and_rules_apply_per_socket() {
+    let policy = Policy::parse(
+        "[[rule]]\nname = \"long-poll\"\nlocal_port = 8080\nidle_timeout = \"10m\"\n\
+         [[rule]]\nname = \"quiet\"\nlocal_port = 9090\nignore = [\"idle\"]\n",
+    )
+    .unwrap();
+    let mut det = Detector::new(policy, KernelFacts::default());
+    let mut other = socket(2, 1, 61_000, 61_000);
+    other.diag.local = "127.0.0.1:7070".parse().unwrap();
+    let mut quiet = socket(3, 1, 61_000, 61_000);
+    quiet.diag.local = "127.0.0.1:9090".parse().unwrap();
+    let found = det.observe(&snapshot(vec![socket(1, 1, 61_000, 61_000), other, quiet]));
+    assert_eq!(found.iter().map(|f| f.target).collect::<Vec<_>>(), vec![Target::Socket(2)]);
+    assert_eq!(found[0].rule, None);
+    let found = det.observe(&snapshot(vec![socket(1, 1, 601_000, 601_000)]));
+    assert_eq!(found[0].rule.as_deref(), Some("long-poll"));
+}

@@ -1,0 +1,587 @@
+//! Thresholds and the policy file (`--config observer.toml`) that tunes them per connection.
+//!
+//! Resolution for a socket: built-in defaults, then the file's `[defaults]`, then the first
+//! `[[rule]]` whose match keys all fit the socket, then any threshold flag given on the command
+//! line. `ignore` lists (from `[defaults]` and the matching rule) silence reasons outright.
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, de};
+use thiserror::Error;
+
+use crate::reason::Reason;
+
+/// Every threshold a detector uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Thresholds {
+    pub idle_timeout: Duration,
+    pub slow_after: Duration,
+    /// Bytes per second.
+    pub slow_min_rate: f64,
+    pub blocked_timeout: Duration,
+    pub retrans_timeout: Duration,
+    pub close_wait_timeout: Duration,
+    pub middlebox_idle: Duration,
+    /// Fraction of RLIMIT_NOFILE.
+    pub fd_threshold: f64,
+}
+
+pub const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
+    idle_timeout: Duration::from_secs(60),
+    slow_after: Duration::from_secs(30),
+    slow_min_rate: 64.0,
+    blocked_timeout: Duration::from_secs(30),
+    retrans_timeout: Duration::from_secs(30),
+    close_wait_timeout: Duration::from_secs(60),
+    // AWS NLB drops idle flows after 350 s, Azure LB after 4 min: 5 min catches both.
+    middlebox_idle: Duration::from_secs(300),
+    fd_threshold: 0.9,
+};
+
+/// Thresholds that a layer (file defaults, a rule, the command line) sets; the rest inherit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    pub idle_timeout: Option<Duration>,
+    pub slow_after: Option<Duration>,
+    pub slow_min_rate: Option<f64>,
+    pub blocked_timeout: Option<Duration>,
+    pub retrans_timeout: Option<Duration>,
+    pub close_wait_timeout: Option<Duration>,
+    pub middlebox_idle: Option<Duration>,
+    pub fd_threshold: Option<f64>,
+}
+
+impl Overrides {
+    fn apply_to(&self, t: &mut Thresholds) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { t.$field = v; } )* };
+        }
+        take!(
+            idle_timeout,
+            slow_after,
+            slow_min_rate,
+            blocked_timeout,
+            retrans_timeout,
+            close_wait_timeout,
+            middlebox_idle,
+            fd_threshold
+        );
+    }
+}
+
+/// A set of reasons, small enough to copy around per socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReasonSet(u16);
+
+impl ReasonSet {
+    pub fn insert(&mut self, r: Reason) {
+        self.0 |= 1 << r as u16;
+    }
+
+    pub fn contains(self, r: Reason) -> bool {
+        self.0 & (1 << r as u16) != 0
+    }
+
+    fn union(self, other: ReasonSet) -> ReasonSet {
+        ReasonSet(self.0 | other.0)
+    }
+}
+
+impl FromIterator<Reason> for ReasonSet {
+    fn from_iter<I: IntoIterator<Item = Reason>>(iter: I) -> Self {
+        let mut set = ReasonSet::default();
+        iter.into_iter().for_each(|r| set.insert(r));
+        set
+    }
+}
+
+/// What a rule is matched against. Process-level findings have no ports or addresses, so
+/// rules that match on those never apply to them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Subject<'a> {
+    pub local_port: Option<u16>,
+    pub remote_ip: Option<IpAddr>,
+    pub pid: Option<u32>,
+    pub comm: Option<&'a str>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub local_ports: Vec<u16>,
+    pub remote_cidrs: Vec<Cidr>,
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub overrides: Overrides,
+    pub ignore: ReasonSet,
+}
+
+impl Rule {
+    /// Every match key the rule has must fit; a rule with none matches everything.
+    fn matches(&self, s: &Subject) -> bool {
+        fn fits<T, V>(wanted: &[T], value: Option<V>, eq: impl Fn(&T, &V) -> bool) -> bool {
+            wanted.is_empty() || value.is_some_and(|v| wanted.iter().any(|w| eq(w, &v)))
+        }
+        fits(&self.local_ports, s.local_port, |a, b| a == b)
+            && fits(&self.remote_cidrs, s.remote_ip, |c, ip| c.contains(*ip))
+            && fits(&self.pids, s.pid, |a, b| a == b)
+            && fits(&self.comms, s.comm, |a, b| a == b)
+    }
+}
+
+/// The thresholds that apply to one subject, and why.
+#[derive(Clone, Copy, Debug)]
+pub struct Applied<'p> {
+    pub thresholds: Thresholds,
+    pub ignored: ReasonSet,
+    /// The rule that matched, if any.
+    pub rule: Option<&'p str>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    base: Thresholds,
+    base_ignore: ReasonSet,
+    rules: Vec<Rule>,
+    command_line: Overrides,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            base: DEFAULT_THRESHOLDS,
+            base_ignore: ReasonSet::default(),
+            rules: Vec::new(),
+            command_line: Overrides::default(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    // The io error is part of the message, not a source, so it is printed once.
+    #[error("cannot read policy file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+impl Policy {
+    pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| PolicyError::Read { path: path.to_owned(), error })?;
+        Policy::parse(&text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |span| line_column(&text, span.start));
+            // One line: toml's own messages can span several.
+            let message = e.message().trim().replace('\n', "; ");
+            PolicyError::Invalid { path: path.to_owned(), line, column, message }
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Policy, toml::de::Error> {
+        let file: PolicyFile = toml::from_str(text)?;
+        let mut base = DEFAULT_THRESHOLDS;
+        file.defaults.overrides().apply_to(&mut base);
+        let rules = file
+            .rule
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| Rule {
+                name: r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1)),
+                local_ports: r.local_port.clone(),
+                remote_cidrs: r.remote_cidr.clone(),
+                pids: r.pid.clone(),
+                comms: r.comm.clone(),
+                overrides: r.overrides(),
+                ignore: r.ignore.iter().map(|n| n.0).collect(),
+            })
+            .collect();
+        Ok(Policy {
+            base,
+            base_ignore: file.defaults.ignore.iter().map(|n| n.0).collect(),
+            rules,
+            command_line: Overrides::default(),
+        })
+    }
+
+    /// Threshold flags given on the command line win over the file, rules included.
+    pub fn with_command_line(mut self, overrides: Overrides) -> Policy {
+        self.command_line = overrides;
+        self
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn apply(&self, subject: &Subject) -> Applied<'_> {
+        let mut thresholds = self.base;
+        let mut ignored = self.base_ignore;
+        let rule = self.rules.iter().find(|r| r.matches(subject));
+        if let Some(rule) = rule {
+            rule.overrides.apply_to(&mut thresholds);
+            ignored = ignored.union(rule.ignore);
+        }
+        self.command_line.apply_to(&mut thresholds);
+        Applied { thresholds, ignored, rule: rule.map(|r| r.name.as_str()) }
+    }
+
+    /// The thresholds with no rule applied (what `started` reports).
+    pub fn base(&self) -> Thresholds {
+        self.apply(&Subject { local_port: None, remote_ip: None, pid: None, comm: None }).thresholds
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+// --- The file format -----------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    defaults: DefaultsSection,
+    #[serde(default)]
+    rule: Vec<RuleSection>,
+}
+
+/// Declares the threshold keys once for both `[defaults]` and `[[rule]]`.
+macro_rules! section {
+    ($name:ident { $($extra:tt)* }) => {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            $($extra)*
+            #[serde(default)]
+            ignore: Vec<ReasonName>,
+            #[serde(default, deserialize_with = "duration")]
+            idle_timeout: Option<Duration>,
+            #[serde(default, deserialize_with = "duration")]
+            slow_after: Option<Duration>,
+            #[serde(default, deserialize_with = "rate")]
+            slow_min_rate: Option<f64>,
+            #[serde(default, deserialize_with = "duration")]
+            blocked_timeout: Option<Duration>,
+            #[serde(default, deserialize_with = "duration")]
+            retrans_timeout: Option<Duration>,
+            #[serde(default, deserialize_with = "duration")]
+            close_wait_timeout: Option<Duration>,
+            #[serde(default, deserialize_with = "duration")]
+            middlebox_idle: Option<Duration>,
+            #[serde(default, deserialize_with = "fraction")]
+            fd_threshold: Option<f64>,
+        }
+
+        impl $name {
+            fn overrides(&self) -> Overrides {
+                Overrides {
+                    idle_timeout: self.idle_timeout,
+                    slow_after: self.slow_after,
+                    slow_min_rate: self.slow_min_rate,
+                    blocked_timeout: self.blocked_timeout,
+                    retrans_timeout: self.retrans_timeout,
+                    close_wait_timeout: self.close_wait_timeout,
+                    middlebox_idle: self.middlebox_idle,
+                    fd_threshold: self.fd_threshold,
+                }
+            }
+        }
+    };
+}
+
+section!(DefaultsSection {});
+section!(RuleSection {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    local_port: Vec<u16>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    remote_cidr: Vec<Cidr>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pid: Vec<u32>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    comm: Vec<String>,
+});
+
+struct ReasonName(Reason);
+
+impl fmt::Debug for ReasonName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for ReasonName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map(ReasonName).map_err(de::Error::custom)
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    match crate::cli::duration(&text) {
+        Ok(v) if !v.is_zero() => Ok(Some(v)),
+        Ok(_) => Err(de::Error::custom("a threshold must be greater than zero")),
+        Err(e) => Err(de::Error::custom(e)),
+    }
+}
+
+fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v.is_finite() && v > 0.0 {
+        Ok(Some(v))
+    } else {
+        Err(de::Error::custom("slow_min_rate is bytes per second and must be greater than zero"))
+    }
+}
+
+fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(Some(v))
+    } else {
+        Err(de::Error::custom("fd_threshold is a fraction of the fd limit: above 0, at most 1"))
+    }
+}
+
+/// Accepts `key = value` as well as `key = [value, ...]`.
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Visit<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for Visit<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a value or a list of values")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(out)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Vec<T>, E> {
+            T::deserialize(de::value::I64Deserializer::new(v)).map(|v| vec![v])
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<T>, E> {
+            T::deserialize(de::value::StrDeserializer::new(v)).map(|v| vec![v])
+        }
+    }
+    d.deserialize_any(Visit(std::marker::PhantomData))
+}
+
+/// An address block such as `10.0.0.0/8` or `2001:db8::/32`; a bare address is a block of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client of a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let prefix = u32::from(self.prefix);
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not an address block like 10.0.0.0/8 or 2001:db8::/32");
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let network: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+# Every connection: report idle ones after two minutes, never keepalive_missing.
+[defaults]
+idle_timeout = "2m"
+ignore = ["keepalive_missing"]
+
+# Long polling clients sit idle by design.
+[[rule]]
+name = "long-poll"
+local_port = [8080, 8081]
+idle_timeout = "15m"
+
+# Batch uploads from the office are slow; do not call them slow-loris.
+[[rule]]
+name = "office uploads"
+remote_cidr = ["10.0.0.0/8", "2001:db8::/32"]
+comm = "uploader"
+ignore = ["slow_transfer"]
+slow_min_rate = 8
+"#;
+
+    fn subject(port: u16, ip: &str, comm: &str) -> Subject<'static> {
+        Subject {
+            local_port: Some(port),
+            remote_ip: Some(ip.parse().unwrap()),
+            pid: Some(1),
+            comm: Some(Box::leak(comm.to_owned().into_boxed_str())),
+        }
+    }
+
+    #[test]
+    fn defaults_rules_and_ignores_resolve_in_order() {
+        let policy = Policy::parse(EXAMPLE).unwrap();
+        let plain = policy.apply(&subject(9000, "192.0.2.1", "srv"));
+        assert_eq!(plain.thresholds.idle_timeout, Duration::from_secs(120));
+        assert_eq!(plain.thresholds.close_wait_timeout, Duration::from_secs(60));
+        assert!(plain.ignored.contains(Reason::KeepaliveMissing));
+        assert_eq!(plain.rule, None);
+
+        let poll = policy.apply(&subject(8081, "192.0.2.1", "srv"));
+        assert_eq!(poll.thresholds.idle_timeout, Duration::from_secs(900));
+        assert_eq!(poll.rule, Some("long-poll"));
+
+        let office = policy.apply(&subject(9000, "10.1.2.3", "uploader"));
+        assert!(office.ignored.contains(Reason::SlowTransfer));
+        assert!(office.ignored.contains(Reason::KeepaliveMissing), "defaults' ignore still holds");
+        assert_eq!(office.thresholds.slow_min_rate, 8.0);
+        // Every key of a rule must fit: right network, wrong program.
+        assert_eq!(policy.apply(&subject(9000, "10.1.2.3", "other")).rule, None);
+        // IPv4 clients of an IPv6 socket match IPv4 blocks.
+        assert_eq!(
+            policy.apply(&subject(9000, "::ffff:10.9.9.9", "uploader")).rule,
+            Some("office uploads")
+        );
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_command_line_wins_over_all() {
+        let text =
+            "[[rule]]\nlocal_port = 80\nidle_timeout = \"1m\"\n[[rule]]\nidle_timeout = \"9m\"\n";
+        let policy = Policy::parse(text).unwrap().with_command_line(Overrides {
+            blocked_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        });
+        let web = policy.apply(&subject(80, "192.0.2.1", "x"));
+        assert_eq!(
+            (web.thresholds.idle_timeout, web.rule),
+            (Duration::from_secs(60), Some("rule 1"))
+        );
+        let other = policy.apply(&subject(81, "192.0.2.1", "x"));
+        assert_eq!(
+            (other.thresholds.idle_timeout, other.rule),
+            (Duration::from_secs(540), Some("rule 2"))
+        );
+        assert_eq!(other.thresholds.blocked_timeout, Duration::from_secs(5));
+        let cli = policy.clone().with_command_line(Overrides {
+            idle_timeout: Some(Duration::from_secs(3)),
+            ..Default::default()
+        });
+        assert_eq!(
+            cli.apply(&subject(80, "192.0.2.1", "x")).thresholds.idle_timeout,
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn rules_with_socket_keys_do_not_apply_to_processes() {
+        let policy = Policy::parse("[[rule]]\nlocal_port = 80\nfd_threshold = 0.5\n").unwrap();
+        let process = Subject { pid: Some(7), comm: Some("srv"), ..Default::default() };
+        assert_eq!(policy.apply(&process).thresholds.fd_threshold, 0.9);
+    }
+
+    fn error_of(text: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("observer-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("p{}.toml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        let err = Policy::from_file(&path).unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err.replace(&path.display().to_string(), "FILE")
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_line_and_reason() {
+        let e = error_of("[defaults]\nidle_timeout = \"60\"\n");
+        assert!(e.starts_with("FILE:2:") && e.contains("like 500ms, 2s or 5m"), "{e}");
+        let e = error_of("[[rule]]\nname = \"a\"\nignore = [\"idel\"]\n");
+        assert!(e.starts_with("FILE:3:") && e.contains("unknown reason 'idel'"), "{e}");
+        let e = error_of("\n\n[[rule]]\nremote_cidr = \"10.0.0.0/33\"\n");
+        assert!(e.starts_with("FILE:4:") && e.contains("address block"), "{e}");
+        let e = error_of("[[rule]]\nidle_timeuot = \"5s\"\n");
+        assert!(e.starts_with("FILE:2:") && e.contains("idle_timeuot"), "{e}");
+        let e = error_of("[defaults]\nfd_threshold = 1.5\n");
+        assert!(e.starts_with("FILE:2:") && e.contains("fraction"), "{e}");
+        let e = error_of("[defaults]\nlocal_port = 80\n");
+        assert!(e.starts_with("FILE:2:") && e.contains("local_port"), "{e}");
+        let e = error_of("[[rule]\n");
+        assert!(e.starts_with("FILE:1:"), "{e}");
+        let e = error_of("[[rule]]\nlocal_port = 70000\n");
+        assert!(e.starts_with("FILE:2:"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_says_so() {
+        let err = Policy::from_file(Path::new("/nonexistent/observer.toml")).unwrap_err();
+        assert!(err.to_string().contains("cannot read policy file /nonexistent/observer.toml"));
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.255.0.1".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        let one: Cidr = "2001:db8::1".parse().unwrap();
+        assert!(one.contains("2001:db8::1".parse().unwrap()));
+        assert!(!one.contains("2001:db8::2".parse().unwrap()));
+        assert!("10.0.0.0/".parse::<Cidr>().is_err());
+        assert!("banana".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Policy::parse("").unwrap(), Policy::default());
+    }
+}
