@@ -1,5 +1,7 @@
 //! Harness for observer's integration tests: runs the real agent binary and the scenario
 //! programs, and waits (with deadlines, never fixed sleeps) for the JSON lines they print.
+pub mod netns;
+
 use std::{
     io::{BufRead, BufReader, Read},
     path::PathBuf,
@@ -13,11 +15,9 @@ use serde_json::Value;
 
 /// The agent binary under test: $OBSERVER_BIN, or the release build `cargo xtask test` makes.
 pub fn observer_bin() -> PathBuf {
-    let path = std::env::var_os("OBSERVER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/observer")
-        });
+    let path = std::env::var_os("OBSERVER_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/observer")
+    });
     assert!(
         path.exists(),
         "{} not found: run the integration tests with `cargo xtask test`",
@@ -30,11 +30,7 @@ pub fn observer_bin() -> PathBuf {
 pub fn scenario_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash> -> target/<profile>/scenario
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("scenario");
+    let path = exe.parent().and_then(|deps| deps.parent()).expect("target dir").join("scenario");
     assert!(
         path.exists(),
         "{} not found: build it with `cargo build -p observer-tests`",
@@ -72,10 +68,7 @@ impl JsonLines {
                 }
             }
         });
-        JsonLines {
-            rx,
-            seen: Vec::new(),
-        }
+        JsonLines { rx, seen: Vec::new() }
     }
 
     /// The first line (already seen or still to come) that matches, waiting up to `deadline`.
@@ -99,10 +92,7 @@ impl JsonLines {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "no {what} within {deadline:?}; saw:\n{}",
-                        self.dump()
-                    ));
+                    return Err(format!("no {what} within {deadline:?}; saw:\n{}", self.dump()));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(format!("output ended before {what}; saw:\n{}", self.dump()));
@@ -122,10 +112,7 @@ impl JsonLines {
     pub fn read_to_end(&mut self, deadline: Duration) -> Result<(), String> {
         let end = Instant::now() + deadline;
         loop {
-            match self
-                .rx
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
+            match self.rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
                 Ok(v) => self.seen.push(v),
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 Err(RecvTimeoutError::Timeout) => {
@@ -169,15 +156,10 @@ impl Agent {
         let mut agent = Agent { child, out, stderr };
         if let Err(e) = agent
             .out
-            .wait_for("started event", Duration::from_secs(30), |v| {
-                v["event"] == "started"
-            })
+            .wait_for("started event", Duration::from_secs(30), |v| v["event"] == "started")
         {
             let _ = agent.child.kill();
-            panic!(
-                "observer did not start: {e}\nstderr:\n{}",
-                agent.stderr_text()
-            );
+            panic!("observer did not start: {e}\nstderr:\n{}", agent.stderr_text());
         }
         agent
     }
@@ -207,10 +189,7 @@ impl Agent {
             }
             if Instant::now() >= end {
                 let _ = self.child.kill();
-                panic!(
-                    "observer did not exit within {deadline:?}; output:\n{}",
-                    self.out.dump()
-                );
+                panic!("observer did not exit within {deadline:?}; output:\n{}", self.out.dump());
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -224,9 +203,7 @@ impl Agent {
     }
 
     pub fn stderr_text(&mut self) -> String {
-        self.stderr
-            .recv_timeout(Duration::from_secs(5))
-            .unwrap_or_default()
+        self.stderr.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
@@ -249,7 +226,20 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn start(args: &[&str]) -> Scenario {
-        let mut child = Command::new(scenario_bin())
+        Scenario::start_in(None, args)
+    }
+
+    /// Starts the scenario inside network namespace `netns` (via `ip netns exec`).
+    pub fn start_in(netns: Option<&str>, args: &[&str]) -> Scenario {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(scenario_bin());
+                c
+            }
+            None => Command::new(scenario_bin()),
+        };
+        let mut child = command
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -264,9 +254,7 @@ impl Scenario {
     }
 
     pub fn wait_for(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        self.out
-            .wait_for(what, Duration::from_secs(10), matches)
-            .unwrap_or_else(|e| panic!("{e}"))
+        self.out.wait_for(what, Duration::from_secs(10), matches).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn kill(&mut self) {
@@ -282,8 +270,7 @@ impl Drop for Scenario {
 }
 
 pub fn as_u64(v: &Value) -> u64 {
-    v.as_u64()
-        .unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
+    v.as_u64().unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
 }
 
 /// BPF program ids the process `pid` holds open (from /proc/PID/fdinfo: program and link fds
@@ -297,10 +284,7 @@ pub fn bpf_prog_ids_of(pid: u32) -> Vec<u32> {
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .flat_map(|info| {
             info.lines()
-                .filter_map(|l| {
-                    l.strip_prefix("prog_id:")
-                        .and_then(|v| v.trim().parse().ok())
-                })
+                .filter_map(|l| l.strip_prefix("prog_id:").and_then(|v| v.trim().parse().ok()))
                 .collect::<Vec<u32>>()
         })
         .collect();
@@ -317,12 +301,7 @@ pub fn bpf_prog_exists(id: u32) -> bool {
     attr[..4].copy_from_slice(&id.to_ne_bytes());
     // SAFETY: attr is a valid, zeroed bpf_attr of the size passed.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            attr.as_mut_ptr(),
-            attr.len(),
-        )
+        libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_mut_ptr(), attr.len())
     };
     if fd >= 0 {
         // SAFETY: we own this fd.
@@ -330,4 +309,67 @@ pub fn bpf_prog_exists(id: u32) -> bool {
         return true;
     }
     std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
+}
+
+/// A running thread-per-connection scenario server.
+pub struct Server {
+    pub scenario: Scenario,
+    pub pid: u32,
+    pub addr: std::net::SocketAddr,
+    /// The listening socket's fd in the server.
+    pub listen_fd: u64,
+}
+
+impl Server {
+    /// `scenario thread-per-connection <args>`, optionally inside a network namespace.
+    pub fn start_in(netns: Option<&str>, args: &[&str]) -> Server {
+        let mut all = vec!["thread-per-connection"];
+        all.extend_from_slice(args);
+        let mut scenario = Scenario::start_in(netns, &all);
+        let listening = scenario.wait_for("listening", |v| v["event"] == "listening");
+        Server {
+            pid: as_u64(&listening["pid"]) as u32,
+            addr: listening["local"].as_str().unwrap().parse().unwrap(),
+            listen_fd: as_u64(&listening["fd"]),
+            scenario,
+        }
+    }
+
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_in(None, args)
+    }
+
+    /// The server's `accepted` report for the client whose local address is `client`.
+    pub fn accepted(&mut self, client: &std::net::TcpStream) -> Value {
+        let me = client.local_addr().unwrap().to_string();
+        self.scenario.wait_for("accepted", |v| v["event"] == "accepted" && v["remote"] == me)
+    }
+
+    /// Connects a loopback client and returns it with the server's `accepted` report for it.
+    pub fn connect(&mut self) -> (std::net::TcpStream, Value) {
+        let client = std::net::TcpStream::connect(self.addr).unwrap();
+        let accepted = self.accepted(&client);
+        (client, accepted)
+    }
+}
+
+/// `observer watch` arguments for tests: fast polls, the given pids, then `extra`.
+pub fn watch_args(pids: &[u32], extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["watch".to_owned(), "--poll-interval".into(), "200ms".into()];
+    for pid in pids {
+        args.extend(["--pid".to_owned(), pid.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+pub fn start_agent(pids: &[u32], extra: &[&str]) -> Agent {
+    let args = watch_args(pids, extra);
+    Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Whether `v` is an alert (or, with `event` = "alert_cleared", a clear) for `reason` on the
+/// connection whose remote end is `remote`.
+pub fn is_event_for(v: &Value, event: &str, reason: &str, remote: &str) -> bool {
+    v["event"] == event && v["reason"] == reason && v["remote"] == remote
 }

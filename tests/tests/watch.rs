@@ -2,11 +2,11 @@
 //! thread-per-connection server whose clients really go silent.
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     time::{Duration, Instant, SystemTime},
 };
 
-use observer_tests::{Agent, Scenario, as_u64, bpf_prog_exists, bpf_prog_ids_of};
+use observer_tests::{Agent, Server, as_u64, bpf_prog_exists, bpf_prog_ids_of};
 use serde_json::Value;
 
 const POLL_MS: u64 = 200;
@@ -14,55 +14,11 @@ const IDLE_TIMEOUT_MS: u64 = 2000;
 /// Generous bound for events that should come within a few polls; only reached on failure.
 const DEADLINE: Duration = Duration::from_secs(20);
 
-struct Server {
-    scenario: Scenario,
-    pid: u32,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn start(listen: &str) -> Server {
-        let mut scenario = Scenario::start(&["thread-per-connection", "--listen", listen]);
-        let listening = scenario.wait_for("listening", |v| v["event"] == "listening");
-        let addr = listening["local"].as_str().unwrap().parse().unwrap();
-        Server {
-            pid: scenario.pid(),
-            scenario,
-            addr,
-        }
-    }
-
-    /// Connects a client and returns it with the server's `accepted` report for it.
-    fn connect(&mut self) -> (TcpStream, Value) {
-        let client = TcpStream::connect(self.addr).unwrap();
-        let me = client.local_addr().unwrap().to_string();
-        let accepted = self.scenario.wait_for("accepted", |v| {
-            v["event"] == "accepted" && v["remote"] == me
-        });
-        (client, accepted)
-    }
-}
-
-fn watch_args(pid: u32, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "watch",
-        "--pid",
-        &pid.to_string(),
-        "--poll-interval",
-        &format!("{POLL_MS}ms"),
-        "--idle-timeout",
-        &format!("{IDLE_TIMEOUT_MS}ms"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 fn start_agent(pid: u32, extra: &[&str]) -> Agent {
-    let args = watch_args(pid, extra);
-    Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    let timeout = format!("{IDLE_TIMEOUT_MS}ms");
+    let mut args = vec!["--idle-timeout", timeout.as_str()];
+    args.extend_from_slice(extra);
+    observer_tests::start_agent(&[pid], &args)
 }
 
 fn is_alert_for(v: &Value, reason: &str, client: &TcpStream) -> bool {
@@ -72,7 +28,8 @@ fn is_alert_for(v: &Value, reason: &str, client: &TcpStream) -> bool {
 }
 
 /// Checks an idle alert against what the server reported about the connection.
-fn assert_idle_alert(alert: &Value, server: &Server, accepted: &Value) {
+/// `timed`: the worker entered its read after the agent started, so the probes timed it.
+fn assert_idle_alert(alert: &Value, server: &Server, accepted: &Value, timed: bool) {
     assert_eq!(as_u64(&alert["pid"]), u64::from(server.pid), "{alert}");
     assert_eq!(alert["comm"], "scenario", "{alert}");
     assert_eq!(alert["fd"], accepted["fd"], "{alert}");
@@ -93,25 +50,27 @@ fn assert_idle_alert(alert: &Value, server: &Server, accepted: &Value) {
         .iter()
         .find(|t| t["tid"] == accepted["tid"])
         .unwrap_or_else(|| panic!("worker tid {} not in threads: {alert}", accepted["tid"]));
-    assert!(
-        worker["name"].as_str().unwrap().starts_with("worker-"),
-        "{alert}"
-    );
+    assert!(worker["name"].as_str().unwrap().starts_with("worker-"), "{alert}");
     let call = worker["blocked_in"].as_str().unwrap_or_default();
-    assert!(
-        ["read", "recvfrom", "recvmsg", "readv"].contains(&call),
-        "blocked_in {call}: {alert}"
-    );
+    assert!(["read", "recvfrom", "recvmsg", "readv"].contains(&call), "blocked_in {call}: {alert}");
+    if timed {
+        // With --pid the probes time the call: the worker has been in it since it accepted.
+        let blocked = as_u64(&worker["blocked_ms"]);
+        assert!(blocked.abs_diff(idle) < 1000, "blocked_ms {blocked} vs idle_ms {idle}: {alert}");
+    } else {
+        // A call that began before the probes were attached cannot be timed: say nothing.
+        assert!(worker.get("blocked_ms").is_none(), "{alert}");
+    }
     assert!(alert["detail"].as_str().is_some_and(|d| !d.is_empty()));
 }
 
 #[test]
 fn idle_client_is_alerted_with_pid_fd_addresses_and_thread() {
-    let mut server = Server::start("127.0.0.1:0");
+    let mut server = Server::start(&[]);
     let mut agent = start_agent(server.pid, &[]);
     let (client, accepted) = server.connect();
     let alert = agent.wait_for("idle alert", DEADLINE, |v| is_alert_for(v, "idle", &client));
-    assert_idle_alert(&alert, &server, &accepted);
+    assert_idle_alert(&alert, &server, &accepted, true);
 
     // Closing the idle connection ends the alert, once, as socket_closed.
     let cookie = alert["cookie"].clone();
@@ -123,22 +82,13 @@ fn idle_client_is_alerted_with_pid_fd_addresses_and_thread() {
     assert_eq!(cleared["reason"], "idle");
     assert_eq!(cleared["fd"], accepted["fd"]);
     assert_eq!(agent.stop().code(), Some(0));
-    let raised = agent
-        .out
-        .seen
-        .iter()
-        .filter(|v| v["event"] == "alert" && v["cookie"] == cookie);
-    assert_eq!(
-        raised.count(),
-        1,
-        "alerted more than once:\n{}",
-        agent.out.dump()
-    );
+    let raised = agent.out.seen.iter().filter(|v| v["event"] == "alert" && v["cookie"] == cookie);
+    assert_eq!(raised.count(), 1, "alerted more than once:\n{}", agent.out.dump());
 }
 
 #[test]
 fn connection_opened_before_the_agent_started_is_alerted() {
-    let mut server = Server::start("127.0.0.1:0");
+    let mut server = Server::start(&[]);
     let (mut client, accepted) = server.connect();
     // Some traffic the probes will never see: only the kernel's counters know of it.
     client.write_all(b"hello").unwrap();
@@ -147,33 +97,23 @@ fn connection_opened_before_the_agent_started_is_alerted() {
 
     let mut agent = start_agent(server.pid, &[]);
     let alert = agent.wait_for("idle alert", DEADLINE, |v| is_alert_for(v, "idle", &client));
-    assert_idle_alert(&alert, &server, &accepted);
-    assert_eq!(
-        (
-            as_u64(&alert["bytes_sent"]),
-            as_u64(&alert["bytes_received"])
-        ),
-        (5, 5),
-        "{alert}"
-    );
+    assert_idle_alert(&alert, &server, &accepted, false);
+    assert_eq!((as_u64(&alert["bytes_sent"]), as_u64(&alert["bytes_received"])), (5, 5), "{alert}");
 }
 
 #[test]
 fn ipv6_connection_is_reported_with_bracketed_addresses() {
-    let mut server = Server::start("[::1]:0");
+    let mut server = Server::start(&["--listen", "[::1]:0"]);
     let mut agent = start_agent(server.pid, &[]);
     let (client, accepted) = server.connect();
     let alert = agent.wait_for("idle alert", DEADLINE, |v| is_alert_for(v, "idle", &client));
-    assert!(
-        alert["local"].as_str().unwrap().starts_with("[::1]:"),
-        "{alert}"
-    );
-    assert_idle_alert(&alert, &server, &accepted);
+    assert!(alert["local"].as_str().unwrap().starts_with("[::1]:"), "{alert}");
+    assert_idle_alert(&alert, &server, &accepted, true);
 }
 
 #[test]
 fn connection_that_keeps_exchanging_data_is_never_alerted() {
-    let mut server = Server::start("127.0.0.1:0");
+    let mut server = Server::start(&[]);
     let mut agent = start_agent(server.pid, &["--stats-interval", "100ms"]);
     let (mut chatty, _) = server.connect();
     let (quiet, _) = server.connect();
@@ -188,16 +128,12 @@ fn connection_that_keeps_exchanging_data_is_never_alerted() {
     }
     let exchange_ended = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     // The quiet connection proves the agent was detecting meanwhile.
-    agent.wait_for("idle alert for the quiet client", DEADLINE, |v| {
-        is_alert_for(v, "idle", &quiet)
-    });
+    agent
+        .wait_for("idle alert for the quiet client", DEADLINE, |v| is_alert_for(v, "idle", &quiet));
     // Stats are printed after a poll: one stamped after the exchange ended means every poll of
     // the exchange has been judged. (Same RFC 3339 UTC format: string order is time order.)
     agent.wait_for("stats after the exchange", DEADLINE, |v| {
-        v["event"] == "stats"
-            && v["ts"]
-                .as_str()
-                .is_some_and(|ts| ts > exchange_ended.as_str())
+        v["event"] == "stats" && v["ts"].as_str().is_some_and(|ts| ts > exchange_ended.as_str())
     });
     let chatty_addr = chatty.local_addr().unwrap().to_string();
     let false_alarms: Vec<&Value> = agent
@@ -206,15 +142,12 @@ fn connection_that_keeps_exchanging_data_is_never_alerted() {
         .iter()
         .filter(|v| v["event"] == "alert" && v["remote"] == chatty_addr)
         .collect();
-    assert!(
-        false_alarms.is_empty(),
-        "busy connection alerted: {false_alarms:?}"
-    );
+    assert!(false_alarms.is_empty(), "busy connection alerted: {false_alarms:?}");
 }
 
 #[test]
 fn killing_the_target_reports_target_exited_and_exits_zero() {
-    let mut server = Server::start("127.0.0.1:0");
+    let mut server = Server::start(&[]);
     let (client, _) = server.connect();
     let mut agent = start_agent(server.pid, &[]);
     let alert = agent.wait_for("idle alert", DEADLINE, |v| is_alert_for(v, "idle", &client));
@@ -225,12 +158,7 @@ fn killing_the_target_reports_target_exited_and_exits_zero() {
     assert_eq!(as_u64(&exited["pid"]), u64::from(pid));
     let status = agent.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "output:\n{}", agent.out.dump());
-    let events: Vec<&str> = agent
-        .out
-        .seen
-        .iter()
-        .map(|v| v["event"].as_str().unwrap())
-        .collect();
+    let events: Vec<&str> = agent.out.seen.iter().map(|v| v["event"].as_str().unwrap()).collect();
     assert_eq!(events.last(), Some(&"stopped"), "{events:?}");
     // The dead server's alert was cleared, not left dangling.
     assert!(
@@ -245,13 +173,10 @@ fn killing_the_target_reports_target_exited_and_exits_zero() {
 
 #[test]
 fn sigterm_stops_cleanly_and_unloads_every_program() {
-    let server = Server::start("127.0.0.1:0");
+    let server = Server::start(&[]);
     let mut agent = start_agent(server.pid, &[]);
     let programs = bpf_prog_ids_of(agent.pid());
-    assert!(
-        programs.len() >= 5,
-        "expected the agent to hold its programs, found {programs:?}"
-    );
+    assert!(programs.len() >= 5, "expected the agent to hold its programs, found {programs:?}");
     assert!(programs.iter().all(|&id| bpf_prog_exists(id)));
 
     assert_eq!(agent.stop().code(), Some(0));
@@ -263,10 +188,7 @@ fn sigterm_stops_cleanly_and_unloads_every_program() {
         std::thread::sleep(Duration::from_millis(50));
         left.retain(|&id| bpf_prog_exists(id));
     }
-    assert!(
-        left.is_empty(),
-        "programs still loaded {DEADLINE:?} after stop: {left:?}"
-    );
+    assert!(left.is_empty(), "programs still loaded {DEADLINE:?} after stop: {left:?}");
 }
 
 #[test]
@@ -277,30 +199,20 @@ fn nonexistent_pid_fails_with_a_clear_one_line_message() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        output.stdout.is_empty(),
-        "nothing on stdout for a failed start"
-    );
+    assert!(output.stdout.is_empty(), "nothing on stdout for a failed start");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("no process with pid 999999"), "{stderr}");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "{stderr}"
-    );
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
 }
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    for args in [
-        &["watch", "--poll-interval", "fast"][..],
-        &["watch", "--pid", "x"],
-        &["frobnicate"],
-    ] {
-        let output = std::process::Command::new(observer_tests::observer_bin())
-            .args(args)
-            .output()
-            .unwrap();
+    for args in
+        [&["watch", "--poll-interval", "fast"][..], &["watch", "--pid", "x"], &["frobnicate"]]
+    {
+        let output =
+            std::process::Command::new(observer_tests::observer_bin()).args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
     }
 }

@@ -43,26 +43,19 @@ fn main() -> ExitCode {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// A cargo command in the workspace that must build real BPF programs, never stubs.
 fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args)
-        .current_dir(workspace_root())
-        .env("OBSERVER_EBPF", "require");
+    cmd.args(args).current_dir(workspace_root()).env("OBSERVER_EBPF", "require");
     cmd
 }
 
 pub fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {shown}"))?;
+    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
@@ -84,16 +77,10 @@ fn run(args: &[String]) -> Result<()> {
     };
     let binary = build()?;
     if !nix_is_root() {
-        bail!(
-            "observer needs root: run `sudo -E cargo xtask run -- {}`",
-            args.join(" ")
-        );
+        bail!("observer needs root: run `sudo -E cargo xtask run -- {}`", args.join(" "));
     }
     // Hand the terminal over: signals (Ctrl-C) reach the agent, and its exit code is ours.
-    let status = Command::new(&binary)
-        .args(args)
-        .status()
-        .context("cannot start observer")?;
+    let status = Command::new(&binary).args(args).status().context("cannot start observer")?;
     std::process::exit(status.code().unwrap_or(1));
 }
 
@@ -101,26 +88,15 @@ fn test() -> Result<()> {
     setup::run()?;
     status(&mut cargo(&["fmt", "--all", "--check"]))
         .context("code is not rustfmt-formatted: run `cargo fmt --all`")?;
-    status(&mut cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    status(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // Unit tests of the pure parts: no root needed.
-    status(&mut cargo(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "observer-tests",
-    ]))?;
+    status(&mut cargo(&["test", "--workspace", "--exclude", "observer-tests"]))?;
     if !nix_is_root() {
         bail!(
             "the integration tests load BPF programs and need root: run `sudo -E cargo xtask test`"
         );
     }
+    setup::test_tools()?;
     let binary = build()?;
     status(
         cargo(&["test", "--release", "--package", "observer-tests"]).env("OBSERVER_BIN", &binary),

@@ -17,11 +17,42 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Host tools the integration tests drive: iproute2 (`ip netns`) and nftables (`nft`, to make a
+/// peer vanish). Installed from the distribution if missing.
+pub fn test_tools() -> Result<()> {
+    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+        .into_iter()
+        .filter(|(tool, _)| output(Command::new(tool).arg("-V")).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // A fresh machine may have no package lists yet.
+    if !install() {
+        let _ = Command::new("apt-get").arg("update").status();
+        if !install() {
+            bail!(
+                "cannot install {} (the tests need them): install them and retry",
+                missing.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly_llvm_major() -> Result<u32> {
@@ -55,10 +86,7 @@ fn ensure_rust_src() -> Result<()> {
     let sysroot =
         output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
             .context("cannot find the nightly sysroot")?;
-    if PathBuf::from(sysroot.trim())
-        .join("lib/rustlib/src/rust/library/core")
-        .exists()
-    {
+    if PathBuf::from(sysroot.trim()).join("lib/rustlib/src/rust/library/core").exists() {
         return Ok(());
     }
     eprintln!("xtask: adding rust-src to the nightly toolchain");
