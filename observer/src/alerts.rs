@@ -1,6 +1,6 @@
 //! Turns each poll's findings into alert transitions: an alert is raised once per target and
 //! reason, stays quiet while the condition holds, and is cleared once when it ends.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Instant};
 
 use serde::Serialize;
 
@@ -24,8 +24,8 @@ pub enum ClearWhy {
 
 #[derive(Default)]
 pub struct AlertBook {
-    /// Raised and not yet cleared, with the identity at the time it was raised.
-    active: BTreeMap<(Target, Reason), Identity>,
+    /// Raised and not yet cleared, with the identity and time when it was raised.
+    active: BTreeMap<(Target, Reason), (Identity, Instant)>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -47,18 +47,18 @@ impl AlertBook {
         let mut raised = Vec::new();
         for finding in findings {
             let key = (finding.target, finding.reason);
-            let identity = match self.active.remove(&key) {
-                Some(identity) => identity,
+            let entry = match self.active.remove(&key) {
+                Some(entry) => entry,
                 None => {
                     raised.push(finding);
-                    finding.identity.clone()
+                    (finding.identity.clone(), Instant::now())
                 }
             };
-            still_active.insert(key, identity);
+            still_active.insert(key, entry);
         }
         let cleared = std::mem::replace(&mut self.active, still_active)
             .into_iter()
-            .map(|((target, reason), identity)| {
+            .map(|((target, reason), (identity, _))| {
                 let why = why_cleared(snapshot, target, &identity);
                 Cleared { identity, reason, why }
             })
@@ -70,12 +70,17 @@ impl AlertBook {
     pub fn clear_all(&mut self, why: ClearWhy) -> Vec<Cleared> {
         std::mem::take(&mut self.active)
             .into_iter()
-            .map(|((_, reason), identity)| Cleared { identity, reason, why })
+            .map(|((_, reason), (identity, _))| Cleared { identity, reason, why })
             .collect()
     }
 
     pub fn active_count(&self) -> usize {
         self.active.len()
+    }
+
+    /// Every standing alert with when it was raised.
+    pub fn standing(&self) -> impl Iterator<Item = (Target, Reason, Instant)> + '_ {
+        self.active.iter().map(|(&(target, reason), &(_, since))| (target, reason, since))
     }
 
     /// Whether an alert for `target` and `reason` stands.

@@ -129,8 +129,7 @@ fn try_sock_destroy() -> Result<(), String> {
     let mut client =
         TcpStream::connect(listener.local_addr().unwrap()).map_err(|e| e.to_string())?;
     let (server, _) = listener.accept().map_err(|e| e.to_string())?;
-    let cookie: u64 =
-        nix::sys::socket::getsockopt(&server, CookieOpt).map_err(|e| e.to_string())?;
+    let cookie = crate::kernel::socket_cookie(&server).map_err(|e| e.to_string())?;
     let id = SockId {
         local: server.local_addr().unwrap(),
         remote: server.peer_addr().unwrap(),
@@ -147,29 +146,5 @@ fn try_sock_destroy() -> Result<(), String> {
             "destroy was accepted but the peer saw {other:?} instead of a reset (fd {})",
             server.as_raw_fd()
         )),
-    }
-}
-
-/// SO_COOKIE: the socket's cookie, as sock_diag and the probes know it.
-#[derive(Clone, Copy)]
-pub struct CookieOpt;
-
-impl nix::sys::socket::GetSockOpt for CookieOpt {
-    type Val = u64;
-
-    fn get<F: std::os::fd::AsFd>(&self, fd: &F) -> nix::Result<u64> {
-        let mut value = 0u64;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: value and len are valid for the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_fd().as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut value).cast(),
-                &mut len,
-            )
-        };
-        nix::errno::Errno::result(rc).map(|_| value)
     }
 }

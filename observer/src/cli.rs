@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use observer_common::DEFAULT_MAX_TRACKED_SOCKETS;
 
-use crate::policy::Overrides;
+use std::net::SocketAddr;
+
+use crate::{act::Mode, policy::Overrides, reason::Reason};
 
 const ABOUT: &str = "Finds the TCP connections a server is stuck on, says why, and names the thread stuck with them.";
 
@@ -27,7 +29,18 @@ Examples:
   observer watch --port 8080              # every connection on port 8080, any process
   observer watch --pid 4242 --idle-timeout 5m --poll-interval 2s
   observer watch --pid 4242 --config /etc/observer.toml  # per-port/CIDR/process thresholds
-  observer check --config /etc/observer.toml             # validate a policy file";
+  observer check --config /etc/observer.toml             # validate a policy file
+  observer kill --pid 4242 --cookie 8817 --mode shutdown # end one connection (cookie from an alert)
+  observer watch --pid 4242 --action shutdown --action-on idle,slow_transfer --dry-run";
+
+const KILL_EXAMPLES: &str = "\
+Examples:
+  observer kill --pid 4242 --cookie 8817                      # destroy, as `ss -K` does
+  observer kill --pid 4242 --cookie 8817 --mode shutdown      # FIN; blocked threads see EOF
+  observer kill --pid 4242 --local 10.0.0.5:8080 --remote 10.0.0.9:51234 --dry-run
+
+Prints one `action` line: result ok, already_gone, not_permitted, unsupported or failed.
+Exits 0 only when the result is ok.";
 
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -47,6 +60,43 @@ pub enum Command {
     /// Checks privileges, kernel BTF, tracefs, each probe backend (by really loading and
     /// attaching it) and sock_diag SOCK_DESTROY. Exits 0 if `watch` can run, 1 if not.
     Check(CheckArgs),
+    /// End one connection of a process: destroy it (as `ss -K`) or shut it down.
+    ///
+    /// The socket must be held by --pid and match the cookie and/or both addresses given; a
+    /// socket that no longer matches is reported as already_gone and never touched. Listening
+    /// sockets are refused.
+    #[command(after_help = KILL_EXAMPLES)]
+    Kill(KillArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["cookie", "local"])))]
+pub struct KillArgs {
+    /// The process holding the socket.
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: u32,
+
+    /// The socket's cookie, as an alert's `cookie` field (or `ss -e`) gives it.
+    #[arg(long, value_name = "COOKIE")]
+    pub cookie: Option<u64>,
+
+    /// The connection's local address, as an alert's `local` (e.g. 10.0.0.5:8080, [::1]:8080).
+    #[arg(long, value_name = "ADDR", requires = "remote")]
+    pub local: Option<SocketAddr>,
+
+    /// The connection's remote address, as an alert's `remote`.
+    #[arg(long, value_name = "ADDR", requires = "local")]
+    pub remote: Option<SocketAddr>,
+
+    /// destroy: SOCK_DESTROY (peer gets a reset, blocked threads ECONNABORTED; needs
+    /// CAP_NET_ADMIN). shutdown: shutdown(SHUT_RDWR) on a copy of the fd (peer gets a FIN,
+    /// blocked threads EOF/EPIPE and the application closes normally; needs ptrace access).
+    #[arg(long, value_enum, default_value_t = Mode::Destroy)]
+    pub mode: Mode,
+
+    /// Find and check the socket, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +177,29 @@ pub struct WatchArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
     pub stats_interval: Duration,
 
+    /// End connections whose alert stands for one of the --action-on reasons, by this mode
+    /// (see `observer kill --help`). Listening sockets are never acted on.
+    #[arg(long, value_enum, value_name = "MODE", requires = "action_on")]
+    pub action: Option<Mode>,
+
+    /// Reasons to act on, comma-separated: idle, slow_transfer, blocked_send, retransmitting,
+    /// close_wait, keepalive_missing. Example: --action-on idle,slow_transfer
+    #[arg(long, value_name = "REASONS", value_delimiter = ',', value_parser = actionable_reason,
+          requires = "action")]
+    pub action_on: Vec<Reason>,
+
+    /// Act only once an alert has stood this long. Example: 5m
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = duration)]
+    pub action_after: Duration,
+
+    /// Never end more than this many connections in any minute; the rest wait their turn.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_actions_per_minute: usize,
+
+    /// Print the `action` lines --action would produce, change nothing.
+    #[arg(long, requires = "action")]
+    pub dry_run: bool,
+
     /// Capacity of the in-kernel socket table. Sockets beyond it are not tracked by the probes
     /// (their alerts then rely on the kernel's own counters) and are counted as `track_failed`
     /// in `stats`.
@@ -148,6 +221,18 @@ impl WatchArgs {
             middlebox_idle: self.middlebox_idle,
             fd_threshold: self.fd_threshold,
         }
+    }
+}
+
+/// Reasons that name one connection, which can be ended. Listener overflows, resets (already
+/// ended) and fd exhaustion (a process) cannot.
+fn actionable_reason(text: &str) -> Result<Reason, String> {
+    let reason: Reason = text.trim().parse()?;
+    match reason {
+        Reason::AcceptQueueOverflow | Reason::ResetUnread | Reason::FdPressure => Err(format!(
+            "{reason} cannot be acted on: it is not a live connection observer may end"
+        )),
+        _ => Ok(reason),
     }
 }
 
@@ -244,6 +329,20 @@ mod tests {
             vec!["observer", "watch", "--idle-timeout", "5"],
             vec!["observer", "watch", "--bogus"],
             vec!["observer", "watch", "--fd-threshold", "1.5"],
+            vec!["observer", "watch", "--action", "destroy"],
+            vec!["observer", "watch", "--action-on", "idle"],
+            vec![
+                "observer",
+                "watch",
+                "--action",
+                "destroy",
+                "--action-on",
+                "accept_queue_overflow",
+            ],
+            vec!["observer", "watch", "--action", "destroy", "--action-on", "idel"],
+            vec!["observer", "kill", "--pid", "1"],
+            vec!["observer", "kill", "--pid", "1", "--local", "127.0.0.1:1"],
+            vec!["observer", "kill", "--pid", "1", "--cookie", "5", "--mode", "nuke"],
             vec!["observer", "watch", "--slow-min-rate", "-3"],
             vec!["observer"],
         ] {
@@ -253,12 +352,47 @@ mod tests {
     }
 
     #[test]
+    fn kill_and_action_flags() {
+        let cli = Cli::try_parse_from([
+            "observer",
+            "kill",
+            "--pid",
+            "7",
+            "--local",
+            "[::1]:80",
+            "--remote",
+            "[::1]:5000",
+        ])
+        .unwrap();
+        let Command::Kill(k) = cli.command else { panic!("not kill") };
+        assert_eq!((k.pid, k.cookie, k.mode, k.dry_run), (7, None, Mode::Destroy, false));
+        assert_eq!(k.local.unwrap().to_string(), "[::1]:80");
+        let cli = Cli::try_parse_from([
+            "observer",
+            "watch",
+            "--action",
+            "shutdown",
+            "--action-on",
+            "idle,close_wait",
+            "--dry-run",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        assert_eq!(w.action, Some(Mode::Shutdown));
+        assert_eq!(w.action_on, vec![Reason::Idle, Reason::CloseWait]);
+        assert!(w.dry_run);
+        assert_eq!(w.max_actions_per_minute, 10);
+    }
+
+    #[test]
     fn help_explains_every_flag() {
         Cli::command().debug_assert();
         let mut cmd = Cli::command();
-        let watch = cmd.find_subcommand_mut("watch").unwrap();
-        for arg in watch.get_arguments() {
-            assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+        for sub in ["watch", "kill", "check"] {
+            let sub = cmd.find_subcommand_mut(sub).unwrap();
+            for arg in sub.get_arguments() {
+                assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+            }
         }
     }
 }

@@ -51,6 +51,11 @@ impl Collector {
         })
     }
 
+    /// The sock_diag socket of a watched network namespace, to act on sockets there.
+    pub fn diag_for(&mut self, netns: netns::NetnsId) -> Option<&mut DiagSocketHandle> {
+        self.namespaces.get_mut(&netns)
+    }
+
     /// Stops looking for sockets of processes that are gone.
     pub fn retain_pids(&mut self, alive: &[u32]) {
         if let Some(pids) = &mut self.pids {
@@ -69,16 +74,17 @@ impl Collector {
     pub fn collect(&mut self, probes: &mut Probes) -> anyhow::Result<Snapshot> {
         let fds = procfs::scan_fds(self.pids.as_deref());
         let mut dumped = Vec::new();
-        for handle in self.namespaces.values_mut() {
-            dumped.extend(handle.dump_tcp(DUMP_STATES).context("reading the TCP socket table")?);
+        for (&netns, handle) in &mut self.namespaces {
+            let table = handle.dump_tcp(DUMP_STATES).context("reading the TCP socket table")?;
+            dumped.extend(table.into_iter().map(|diag| (netns, diag)));
         }
         // tcp_info's "ms since" fields are relative to the dump; take the probes' clock right after.
         let taken_ns = system::monotonic_ns();
         let activity = probes.activity();
         let sockets: Vec<SocketView> = dumped
             .into_iter()
-            .filter(|s| self.port_in_scope(s.local.port(), s.remote.port()))
-            .filter_map(|diag| {
+            .filter(|(_, s)| self.port_in_scope(s.local.port(), s.remote.port()))
+            .filter_map(|(netns, diag)| {
                 let owner =
                     (diag.inode != 0).then(|| fds.owners.get(&diag.inode).cloned()).flatten();
                 // With --pid, a socket is in scope only if a watched process holds it.
@@ -86,7 +92,7 @@ impl Collector {
                     return None;
                 }
                 let activity = activity.get(&diag.cookie).copied();
-                Some(SocketView { diag, owner, activity })
+                Some(SocketView { diag, netns, owner, activity })
             })
             .collect();
 

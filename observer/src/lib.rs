@@ -1,5 +1,6 @@
 //! observer: finds the TCP connections a server is stuck on, says why, and names the thread stuck
 //! with them. Data flows one way: collect -> snapshot -> detect -> alerts -> output.
+pub mod act;
 pub mod alerts;
 pub mod btf;
 pub mod check;
@@ -7,11 +8,13 @@ pub mod cli;
 pub mod collect;
 pub mod detect;
 pub mod kernel;
+pub mod kill;
 pub mod output;
 pub mod policy;
 pub mod probes;
 pub mod procfs;
 pub mod reason;
+pub mod respond;
 pub mod snapshot;
 pub mod syscalls;
 pub mod system;
@@ -24,6 +27,7 @@ use std::process::ExitCode;
 pub async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Watch(args) => watch::run(args).await.map(|()| ExitCode::SUCCESS),
+        cli::Command::Kill(args) => kill::run(&args),
         cli::Command::Check(args) => {
             Ok(if check::run(&args)? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }

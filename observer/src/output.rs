@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
+    act::{ActResult, Mode, Outcome},
     alerts::{ClearWhy, Cleared},
     detect::Finding,
     policy::Thresholds,
@@ -152,6 +153,41 @@ pub struct StatsEvent {
     pub probe_counters: BTreeMap<&'static str, u64>,
 }
 
+/// A connection ended (or, in a dry run, checked and left alone), by hand or by policy.
+#[derive(Debug, Serialize)]
+pub struct ActionEvent {
+    pub ts: String,
+    pub action: Mode,
+    pub dry_run: bool,
+    pub result: Outcome,
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// The alert that triggered a policy action; null for `observer kill`.
+    pub reason: Option<Reason>,
+}
+
+impl ActionEvent {
+    pub fn new(
+        at: SystemTime,
+        action: Mode,
+        dry_run: bool,
+        result: ActResult,
+        identity: Identity,
+        reason: Option<Reason>,
+    ) -> Self {
+        ActionEvent {
+            ts: timestamp(at),
+            action,
+            dry_run,
+            result: result.outcome,
+            error: result.error,
+            identity,
+            reason,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
@@ -160,6 +196,7 @@ pub enum Event {
     AlertCleared(ClearedEvent),
     TargetExited { ts: String, pid: u32 },
     Stats(StatsEvent),
+    Action(ActionEvent),
     Stopped { ts: String, reason: &'static str },
 }
 
@@ -270,6 +307,27 @@ mod tests {
         assert_eq!((v["event"].as_str(), v["pid"].as_u64()), (Some("target_exited"), Some(5)));
         let v = emit(&Event::Stopped { ts: "t".into(), reason: "signal" });
         assert_eq!(v["event"], "stopped");
+    }
+
+    #[test]
+    fn action_event_shape() {
+        let identity = Identity::of_socket(&socket(4, 1, 0, 0));
+        let failed = ActResult::fail(Outcome::AlreadyGone, "gone");
+        let v = emit(&Event::Action(ActionEvent::new(
+            SystemTime::UNIX_EPOCH,
+            Mode::Shutdown,
+            true,
+            failed,
+            identity,
+            Some(Reason::Idle),
+        )));
+        assert_eq!((v["event"].as_str(), v["action"].as_str()), (Some("action"), Some("shutdown")));
+        assert_eq!(
+            (v["dry_run"].as_bool(), v["result"].as_str()),
+            (Some(true), Some("already_gone"))
+        );
+        assert_eq!((v["error"].as_str(), v["reason"].as_str()), (Some("gone"), Some("idle")));
+        assert_eq!((v["cookie"].as_u64(), v["fd"].as_u64()), (Some(4), Some(7)));
     }
 
     #[test]

@@ -11,6 +11,8 @@ use crate::{kernel::sock_diag::DiagSocket, policy::Subject, procfs::Owner};
 #[derive(Clone, Debug)]
 pub struct SocketView {
     pub diag: DiagSocket,
+    /// The network namespace the socket lives in (where it must be acted on).
+    pub netns: u64,
     pub owner: Option<Owner>,
     pub activity: Option<SockActivity>,
 }
@@ -232,6 +234,7 @@ pub mod fixtures {
 
     pub fn socket(cookie: u64, state: u8, last_sent_ms: u32, last_recv_ms: u32) -> SocketView {
         SocketView {
+            netns: 1,
             diag: DiagSocket {
                 family: libc::AF_INET as u8,
                 state,

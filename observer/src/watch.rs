@@ -21,6 +21,7 @@ use crate::{
     policy::Policy,
     probes::{Backend, LoadOptions, Probes},
     procfs::{self, ProcessIdentity},
+    respond::Responder,
     snapshot::Snapshot,
     system,
     threads::{self, ThreadInfo},
@@ -53,7 +54,17 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let probes = Probes::load(Backend::Tracepoint, &options, &btf)?;
     let mut collector = Collector::new(&pids, &args.ports)?;
     let facts = KernelFacts { tcp_retries2: system::tcp_retries2() };
+    let responder = args.action.map(|mode| {
+        Responder::new(
+            mode,
+            args.action_on.clone(),
+            args.action_after,
+            args.max_actions_per_minute,
+            args.dry_run,
+        )
+    });
     let mut watch = Watch {
+        responder,
         detector: Detector::new(policy, facts),
         book: AlertBook::default(),
         out: Output::new(std::io::stdout().lock()),
@@ -126,6 +137,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 }
 
 struct Watch<W: Write> {
+    responder: Option<Responder>,
     detector: Detector,
     book: AlertBook,
     out: Output<W>,
@@ -182,6 +194,11 @@ impl<W: Write> Watch<W> {
             .collect();
         for alert in alerts {
             self.emit(Event::Alert(alert))?;
+        }
+        if let Some(responder) = &mut self.responder {
+            for action in responder.respond(&self.book, &snapshot, collector) {
+                self.emit(Event::Action(action))?;
+            }
         }
         Ok(())
     }

@@ -101,6 +101,29 @@ impl JsonLines {
         }
     }
 
+    /// Waits until at least `n` lines (seen or to come) match, for at most `deadline`.
+    pub fn wait_count(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        n: usize,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<(), String> {
+        let end = Instant::now() + deadline;
+        while self.seen.iter().filter(|v| matches(v)).count() < n {
+            match self.rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(v) => self.seen.push(v),
+                Err(_) => {
+                    return Err(format!(
+                        "fewer than {n} {what} within {deadline:?}; saw:\n{}",
+                        self.dump()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Takes in whatever has arrived so far without waiting.
     pub fn drain(&mut self) {
         while let Ok(v) = self.rx.try_recv() {
@@ -372,4 +395,15 @@ pub fn start_agent(pids: &[u32], extra: &[&str]) -> Agent {
 /// connection whose remote end is `remote`.
 pub fn is_event_for(v: &Value, event: &str, reason: &str, remote: &str) -> bool {
     v["event"] == event && v["reason"] == reason && v["remote"] == remote
+}
+
+/// Runs `observer <args>` to completion: exit code, the JSON lines it printed, its stderr.
+pub fn run_observer(args: &[&str]) -> (Option<i32>, Vec<Value>, String) {
+    require_root();
+    let out = Command::new(observer_bin()).args(args).output().expect("run observer");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (out.status.code(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
 }

@@ -3,3 +3,28 @@
 pub mod netns;
 pub mod sock_diag;
 pub mod tcp_info;
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+};
+
+/// SO_COOKIE: the socket's cookie, the number sock_diag and the probes know it by.
+pub fn socket_cookie(socket: &impl AsFd) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: value and len are valid for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}

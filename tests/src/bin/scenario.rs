@@ -154,7 +154,8 @@ fn serve(mut conn: TcpStream, mode: Mode, on_eof: OnEof) {
         "local": conn.local_addr().unwrap().to_string(),
         "remote": conn.peer_addr().unwrap().to_string(),
     }));
-    match mode {
+    // How the worker's last call ended: the tests check what ending a connection does to it.
+    let ended: std::io::Result<()> = match mode {
         Mode::Echo => {
             let mut buf = [0u8; 4096];
             loop {
@@ -165,10 +166,11 @@ fn serve(mut conn: TcpStream, mode: Mode, on_eof: OnEof) {
                             std::thread::park();
                         }
                     }
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break Ok(()),
+                    Err(e) => break Err(e),
                     Ok(n) => {
-                        if conn.write_all(&buf[..n]).is_err() {
-                            break;
+                        if let Err(e) = conn.write_all(&buf[..n]) {
+                            break Err(e);
                         }
                     }
                 }
@@ -176,33 +178,49 @@ fn serve(mut conn: TcpStream, mode: Mode, on_eof: OnEof) {
         }
         Mode::Stream => {
             let chunk = vec![b'x'; 64 * 1024];
-            while conn.write_all(&chunk).is_ok() {}
+            loop {
+                if let Err(e) = conn.write_all(&chunk) {
+                    break Err(e);
+                }
+            }
         }
         Mode::Http => {
             let mut request = Vec::new();
             let mut byte = [0u8; 1];
-            while matches!(conn.read(&mut byte), Ok(1)) {
+            loop {
+                match conn.read(&mut byte) {
+                    Ok(0) => break Ok(()),
+                    Err(e) => break Err(e),
+                    Ok(_) => {}
+                }
                 request.push(byte[0]);
                 if request.ends_with(b"\r\n\r\n") {
                     request.clear();
-                    if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
-                        break;
+                    if let Err(e) =
+                        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    {
+                        break Err(e);
                     }
                 }
             }
         }
         Mode::LingeringClose | Mode::GracefulClose => {
             let mut request = [0u8; 4];
-            if conn.read_exact(&mut request).is_ok() {
-                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello\n");
+            conn.read_exact(&mut request).and_then(|()| {
+                conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello\n")?;
                 if matches!(mode, Mode::GracefulClose) {
-                    let _ = conn.shutdown(Shutdown::Write);
+                    conn.shutdown(Shutdown::Write)?;
                     let mut rest = Vec::new();
-                    let _ = conn.read_to_end(&mut rest);
+                    conn.read_to_end(&mut rest)?;
                 }
-            }
+                Ok(())
+            })
         }
-    }
-    report(json!({ "event": "closed", "fd": fd }));
+    };
+    let (how, errno) = match &ended {
+        Ok(()) => ("eof", None),
+        Err(e) => ("error", e.raw_os_error()),
+    };
+    report(json!({ "event": "closed", "fd": fd, "how": how, "errno": errno }));
     drop(conn);
 }

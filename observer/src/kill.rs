@@ -1,0 +1,129 @@
+//! `observer kill`: end one stuck connection by hand, printing one `action` line.
+use std::{process::ExitCode, time::SystemTime};
+
+use crate::{
+    act::{self, ActResult, Outcome},
+    cli::KillArgs,
+    kernel::{netns, sock_diag::DiagSocketHandle},
+    output::{ActionEvent, Event, Output},
+    procfs::{self, ProcError, ProcessIdentity},
+    snapshot::{Identity, state_name},
+    system,
+};
+
+/// TCP states worth looking in: all but TIME_WAIT and NEW_SYN_RECV, which hold no fd.
+const STATES: u32 = ((1 << 12) - 2) & !(1 << 6);
+const LISTEN: u8 = 10;
+
+pub fn run(args: &KillArgs) -> anyhow::Result<ExitCode> {
+    let requested = Identity {
+        pid: Some(args.pid),
+        comm: None,
+        fd: None,
+        cookie: args.cookie,
+        local: args.local.map(|a| a.to_string()),
+        remote: args.remote.map(|a| a.to_string()),
+        state: None,
+    };
+    let (identity, result) = match resolve(args) {
+        Ok((target, identity, mut diag)) => {
+            (identity, act::perform(args.mode, &target, &mut diag, args.dry_run))
+        }
+        Err(refused) => (refused.identity.unwrap_or(requested), refused.result),
+    };
+    if let Some(error) = &result.error {
+        log::error!("{error}");
+    }
+    let ok = result.outcome == Outcome::Ok;
+    let event =
+        ActionEvent::new(SystemTime::now(), args.mode, args.dry_run, result, identity, None);
+    Output::new(std::io::stdout().lock()).emit(&Event::Action(event))?;
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+type Resolved = (act::Target, Identity, DiagSocketHandle);
+
+/// Why nothing was done, and what is known of the socket.
+struct Refused {
+    identity: Option<Identity>,
+    result: ActResult,
+}
+
+fn refuse(identity: Option<Identity>, outcome: Outcome, msg: impl Into<String>) -> Box<Refused> {
+    Box::new(Refused { identity, result: ActResult::fail(outcome, msg) })
+}
+
+/// Finds the one socket the arguments name, held by the given process, or says why not.
+fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
+    let caps = system::effective_capabilities();
+    let needed = match args.mode {
+        act::Mode::Destroy => "CAP_NET_ADMIN",
+        act::Mode::Shutdown => "CAP_SYS_PTRACE",
+    };
+    if !system::has_capability(caps, needed) {
+        let msg = format!("{} needs {needed}: run observer as root", args.mode.name());
+        return Err(refuse(None, Outcome::NotPermitted, msg));
+    }
+    let process = ProcessIdentity::of(args.pid).map_err(|e| {
+        let outcome = match e {
+            ProcError::NoSuchProcess(_) => Outcome::AlreadyGone,
+            ProcError::NotPermitted { .. } => Outcome::NotPermitted,
+            _ => Outcome::Failed,
+        };
+        refuse(None, outcome, e.to_string())
+    })?;
+    let mut diag = netns::diag_socket_in(args.pid)
+        .map_err(|e| refuse(None, Outcome::Failed, e.to_string()))?;
+    let table = diag
+        .dump_tcp(STATES)
+        .map_err(|e| refuse(None, Outcome::Failed, format!("reading the socket table: {e}")))?;
+    let owners = procfs::scan_fds(Some(&[args.pid])).owners;
+    let wanted = |s: &crate::kernel::sock_diag::DiagSocket| {
+        args.cookie.is_none_or(|c| c == s.cookie)
+            && args.local.is_none_or(|a| a == s.local)
+            && args.remote.is_none_or(|a| a == s.remote)
+    };
+    let Some(socket) = table.into_iter().find(|s| wanted(s) && owners.contains_key(&s.inode))
+    else {
+        let msg = format!(
+            "pid {} holds no TCP socket matching {}; nothing was touched",
+            args.pid,
+            describe(args)
+        );
+        return Err(refuse(None, Outcome::AlreadyGone, msg));
+    };
+    let owner = &owners[&socket.inode];
+    let identity = Identity {
+        pid: Some(args.pid),
+        comm: Some(process.comm.clone()),
+        fd: Some(owner.fd),
+        cookie: Some(socket.cookie),
+        local: Some(socket.local.to_string()),
+        remote: Some(socket.remote.to_string()),
+        state: Some(state_name(socket.state)),
+    };
+    if socket.state == LISTEN {
+        let msg = "refusing to end a listening socket: that stops the service; end its connections instead";
+        return Err(refuse(Some(identity), Outcome::Failed, msg));
+    }
+    let target = act::Target {
+        pid: args.pid,
+        fd: owner.fd,
+        cookie: socket.cookie,
+        local: socket.local,
+        remote: socket.remote,
+        interface: socket.interface,
+    };
+    Ok((target, identity, diag))
+}
+
+fn describe(args: &KillArgs) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = args.cookie {
+        parts.push(format!("cookie {c}"));
+    }
+    if let (Some(l), Some(r)) = (args.local, args.remote) {
+        parts.push(format!("{l} -> {r}"));
+    }
+    parts.join(" and ")
+}
