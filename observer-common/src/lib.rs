@@ -66,6 +66,26 @@ pub struct ThreadCall {
     pub fd: i32,
 }
 
+/// A thread inside a TCP send or receive right now, as fentry/kprobe backends see it: which
+/// socket, since when. Keyed by thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCall {
+    /// When the thread entered tcp_sendmsg/tcp_recvmsg; 0 once it has returned.
+    pub enter_ns: u64,
+    pub cookie: u64,
+    /// The socket (kprobes need it at return, where arguments are gone).
+    pub sk: u64,
+    pub tgid: u32,
+    /// [`CALL_SEND`] or [`CALL_RECV`].
+    pub direction: u16,
+    /// Whether the receive only peeks (MSG_PEEK): no data is consumed.
+    pub peek: u16,
+}
+
+pub const CALL_SEND: u16 = 0;
+pub const CALL_RECV: u16 = 1;
+
 /// What `TRACKED_SYSCALLS[nr]` says about a syscall.
 pub mod syscall_kind {
     /// Not tracked.
@@ -132,7 +152,8 @@ pub struct KernelOffsets {
     pub tcp_snd_una: u32,
     /// Offset in `struct pt_regs` of a syscall's first argument.
     pub regs_arg0: u32,
-    pub _pad: u32,
+    /// sock_common.skc_cookie: kprobes cannot call bpf_get_socket_cookie, so they read it.
+    pub skc_cookie: u32,
 }
 
 impl KernelOffsets {
@@ -152,7 +173,7 @@ impl KernelOffsets {
         tcp_write_seq: 0,
         tcp_snd_una: 0,
         regs_arg0: 0,
-        _pad: 0,
+        skc_cookie: 0,
     };
 }
 
@@ -214,6 +235,7 @@ mod user {
     // SAFETY: repr(C), only integer fields, no implicit padding (checked by the tests below).
     unsafe impl aya::Pod for super::SockActivity {}
     unsafe impl aya::Pod for super::ThreadCall {}
+    unsafe impl aya::Pod for super::SockCall {}
     unsafe impl aya::Pod for super::ResetEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
@@ -232,6 +254,7 @@ mod tests {
     #[test]
     fn shared_types_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<ThreadCall>(), 16);
+        assert_eq!(core::mem::size_of::<SockCall>(), 32);
         assert_eq!(core::mem::size_of::<ResetEvent>(), 8 + 8 + 4 * 4 + 16 + 1 + 1 + 2 * 3 + 32);
         assert_eq!(core::mem::size_of::<KernelOffsets>(), 16 * 4);
     }

@@ -7,6 +7,9 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod activity;
+mod calls;
+mod fentry;
+mod kprobe;
 mod resets;
 mod threads;
 mod tracepoint;

@@ -8,7 +8,7 @@ use observer_common::{Counter, RESET_RECEIVED, RESET_SENT, tcp_state};
 
 use crate::{
     activity::{self, Direction, Known},
-    resets, threads,
+    calls, resets, threads,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -133,5 +133,6 @@ pub fn observer_tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn observer_tp_thread_exit(_ctx: BtfTracePointContext) -> i32 {
     threads::thread_exit();
+    calls::thread_exit();
     0
 }

@@ -97,7 +97,7 @@ pub fn perform(
             };
             match diag.destroy(&id) {
                 Ok(()) => ActResult::ok(),
-                Err(DiagError::Io(e)) | Err(DiagError::Open(e)) => destroy_error(&e),
+                Err(DiagError::Io(e) | DiagError::Open(e)) => destroy_error(&e),
                 Err(e) => ActResult::fail(Outcome::Failed, e.to_string()),
             }
         }

@@ -30,6 +30,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -48,8 +49,10 @@ struct Member {
 struct Type {
     kind: u32,
     name: String,
-    /// The referenced type for typedef/const/volatile/pointer-like kinds.
+    /// The referenced type for typedef/const/volatile/pointer-like kinds and functions.
     referenced: u32,
+    /// Member, parameter or value count.
+    vlen: u16,
     members: Vec<Member>,
 }
 
@@ -91,7 +94,8 @@ impl Btf {
         };
 
         // Type id 0 is `void`.
-        let mut types = vec![Type { kind: 0, name: String::new(), referenced: 0, members: vec![] }];
+        let mut types =
+            vec![Type { kind: 0, name: String::new(), referenced: 0, vlen: 0, members: vec![] }];
         let mut at = type_start;
         while at < type_end {
             let name_off = u32_at(at)?;
@@ -121,7 +125,13 @@ impl Btf {
                 0..=KIND_ENUM64 => {}
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             }
-            types.push(Type { kind, name: name(name_off), referenced: size_or_type, members });
+            types.push(Type {
+                kind,
+                name: name(name_off),
+                referenced: size_or_type,
+                vlen: vlen as u16,
+                members,
+            });
         }
         let by_name = types
             .iter()
@@ -136,6 +146,13 @@ impl Btf {
     /// typedef, which is also what a BTF tracepoint program attaches by).
     pub fn has_tracepoint(&self, name: &str) -> bool {
         self.by_name.contains_key(&(KIND_TYPEDEF, format!("btf_trace_{name}")))
+    }
+
+    /// How many parameters kernel function `name` takes, if the kernel has it (not inlined away).
+    pub fn function_arity(&self, name: &str) -> Option<usize> {
+        let func = self.by_name.get(&(KIND_FUNC, name.to_owned()))?;
+        let proto = self.types.get(self.types.get(*func as usize)?.referenced as usize)?;
+        (proto.kind == KIND_FUNC_PROTO).then_some(proto.vlen as usize)
     }
 
     /// Byte offset of `path` (e.g. `["__sk_common", "skc_family"]`) inside `struct struct_name`.
@@ -194,7 +211,7 @@ mod tests {
     /// Builds a tiny BTF blob: `struct outer { int a; struct { short b; }; struct inner named; }`
     /// plus a `btf_trace_demo` typedef.
     fn sample() -> Vec<u8> {
-        let mut strings = b"\0int\0a\0b\0outer\0inner\0named\0c\0btf_trace_demo\0".to_vec();
+        let mut strings = b"\0int\0a\0b\0outer\0inner\0named\0c\0btf_trace_demo\0demo\0".to_vec();
         let s = |name: &str, strings: &[u8]| -> u32 {
             let needle = format!("\0{name}\0");
             strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
@@ -221,6 +238,9 @@ mod tests {
         );
         // 5: typedef btf_trace_demo -> int
         ty(s("btf_trace_demo", &strings), KIND_TYPEDEF, 0, 1, &[]);
+        // 6: int (*)(int a, int b); 7: func "demo" of that prototype
+        ty(0, KIND_FUNC_PROTO, 2, 1, &[s("a", &strings), 1, s("b", &strings), 1]);
+        ty(s("demo", &strings), KIND_FUNC, 0, 6, &[]);
         strings.push(0);
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
@@ -253,6 +273,14 @@ mod tests {
         let btf = Btf::parse(&sample()).unwrap();
         assert!(btf.has_tracepoint("demo"));
         assert!(!btf.has_tracepoint("other"));
+    }
+
+    #[test]
+    fn knows_function_arity() {
+        let btf = Btf::parse(&sample()).unwrap();
+        assert_eq!(btf.function_arity("demo"), Some(2));
+        assert_eq!(btf.function_arity("outer"), None);
+        assert_eq!(btf.function_arity("missing"), None);
     }
 
     #[test]

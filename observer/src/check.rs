@@ -48,12 +48,19 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<bool> {
 
     let mut backend = None;
     let mut probes = serde_json::Map::new();
+    let mut notes = serde_json::Map::new();
     for &candidate in Backend::ALL {
         let result = match &btf {
             Ok(btf) if missing.is_empty() => {
                 system::raise_memlock_limit();
                 let options = LoadOptions { pids: vec![], max_sockets: 1024 };
-                Probes::load(candidate, &options, btf).map(drop).map_err(|e| e.to_string())
+                Probes::load(candidate, &options, btf)
+                    .map(|p| {
+                        if !p.notes().is_empty() {
+                            notes.insert(candidate.name().into(), json!(p.notes()));
+                        }
+                    })
+                    .map_err(|e| e.to_string())
             }
             Ok(_) => Err("not tried: missing privileges".to_owned()),
             Err(_) => Err("not tried: no kernel BTF".to_owned()),
@@ -100,6 +107,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<bool> {
         "sock_destroy": sock_destroy_report(),
         "config": config,
         "backend": backend.map(Backend::name),
+        "backend_notes": notes,
         "ready": ready,
         "problems": problems,
     });

@@ -9,7 +9,7 @@ use observer_common::DEFAULT_MAX_TRACKED_SOCKETS;
 
 use std::net::SocketAddr;
 
-use crate::{act::Mode, policy::Overrides, reason::Reason};
+use crate::{act::Mode, policy::Overrides, probes::ProbeChoice, reason::Reason};
 
 const ABOUT: &str = "Finds the TCP connections a server is stuck on, says why, and names the thread stuck with them.";
 
@@ -126,6 +126,11 @@ pub struct WatchArgs {
     /// crosses its threshold. Examples: 500ms, 1s, 5s
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration)]
     pub poll_interval: Duration,
+
+    /// Which probes to use. auto: the best this kernel allows, trying fentry, then kprobe, then
+    /// tracepoint (`observer check` shows what works here and why).
+    #[arg(long, value_enum, value_name = "BACKEND", default_value_t = ProbeChoice::Auto)]
+    pub probes: ProbeChoice,
 
     /// Policy file: thresholds and ignored reasons per local port, remote CIDR, pid or
     /// program (see README). Threshold flags given here override it.
@@ -295,6 +300,7 @@ mod tests {
         assert!(w.pids.is_empty() && w.ports.is_empty());
         assert_eq!(w.poll_interval, Duration::from_secs(1));
         assert_eq!(w.overrides(), Overrides::default(), "unset flags leave the policy alone");
+        assert_eq!(w.probes, ProbeChoice::Auto);
     }
 
     #[test]
@@ -343,6 +349,7 @@ mod tests {
             vec!["observer", "kill", "--pid", "1"],
             vec!["observer", "kill", "--pid", "1", "--local", "127.0.0.1:1"],
             vec!["observer", "kill", "--pid", "1", "--cookie", "5", "--mode", "nuke"],
+            vec!["observer", "watch", "--probes", "ebpf"],
             vec!["observer", "watch", "--slow-min-rate", "-3"],
             vec!["observer"],
         ] {

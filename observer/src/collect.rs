@@ -136,7 +136,8 @@ impl Collector {
             .collect();
         let thread_calls =
             if probes.tracks_threads() { probes.thread_calls() } else { HashMap::new() };
-        Ok(Snapshot::new(taken_ns, sockets, processes, resets, thread_calls))
+        Ok(Snapshot::new(taken_ns, sockets, processes, resets, thread_calls)
+            .with_sock_calls(probes.sock_calls()))
     }
 }
 

@@ -98,6 +98,8 @@ pub struct StartedEvent {
     pub ts: String,
     pub version: &'static str,
     pub backend: &'static str,
+    /// What the backend cannot do on this kernel (empty when nothing is missing).
+    pub backend_notes: Vec<String>,
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
     pub kernel: String,

@@ -1,16 +1,19 @@
 //! Loading the BPF programs into the kernel and reading what they record.
 //!
-//! A backend is a set of programs that fill the same maps with the same meaning; which one runs
-//! depends on what the kernel allows (see `observer check`).
+//! A backend is a set of programs that fill the same maps with the same meaning, so detection
+//! and output do not care which one runs: `fentry` (fentry/fexit on the TCP send and receive
+//! functions), `kprobe` (kprobes/kretprobes on the same), `tracepoint` (BTF tracepoints only).
+//! All three share BTF tracepoints for retransmits, state changes, destruction and resets.
 use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
 };
 use observer_common::{
-    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, SockActivity, ThreadCall, syscall_kind,
+    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, SockActivity, SockCall, ThreadCall,
+    syscall_kind,
 };
 use thiserror::Error;
 
@@ -22,43 +25,370 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ob
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// BTF tracepoints on socket send/receive, retransmit, state change and destroy (Linux 6.3+).
+    /// fentry/fexit on tcp_sendmsg/tcp_recvmsg: every send and receive, and how long a thread
+    /// has been inside one. Needs BPF trampolines (most distribution kernels).
+    Fentry,
+    /// kprobes/kretprobes on the same functions, for kernels without fentry.
+    Kprobe,
+    /// BTF tracepoints only: works where function tracing is locked down. Application-level
+    /// send/receive times need Linux 6.3+ (sock_send_length); older kernels use tcp_info.
     Tracepoint,
+}
+
+/// `--probes`: a backend, or the best one that loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeChoice {
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl ProbeChoice {
+    /// The backends to try, best first.
+    pub fn candidates(self) -> &'static [Backend] {
+        match self {
+            ProbeChoice::Auto => Backend::ALL,
+            ProbeChoice::Fentry => &[Backend::Fentry],
+            ProbeChoice::Kprobe => &[Backend::Kprobe],
+            ProbeChoice::Tracepoint => &[Backend::Tracepoint],
+        }
+    }
 }
 
 impl Backend {
     /// Every backend, best first: the order `auto` tries them in.
-    pub const ALL: &'static [Backend] = &[Backend::Tracepoint];
+    pub const ALL: &'static [Backend] = &[Backend::Fentry, Backend::Kprobe, Backend::Tracepoint];
 
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Fentry => "fentry",
+            Backend::Kprobe => "kprobe",
             Backend::Tracepoint => "tracepoint",
-        }
-    }
-
-    /// (program, tracepoint) pairs this backend attaches.
-    fn programs(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Backend::Tracepoint => &[
-                ("observer_tp_send", "sock_send_length"),
-                ("observer_tp_recv", "sock_recv_length"),
-                ("observer_tp_retransmit", "tcp_retransmit_skb"),
-                ("observer_tp_state", "inet_sock_set_state"),
-                ("observer_tp_destroy", "tcp_destroy_sock"),
-                ("observer_tp_reset_sent", "tcp_send_reset"),
-                ("observer_tp_reset_received", "tcp_receive_reset"),
-            ],
         }
     }
 }
 
-/// Programs that time the watched processes' socket calls per thread. They run on every syscall
-/// of the machine, so they are attached only when specific processes are watched (--pid).
-const THREAD_PROGRAMS: &[(&str, &str)] = &[
-    ("observer_tp_sys_enter", "sys_enter"),
-    ("observer_tp_sys_exit", "sys_exit"),
-    ("observer_tp_thread_exit", "sched_process_exit"),
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Tracepoint(&'static str),
+    FEntry(&'static str),
+    FExit(&'static str),
+    KProbe(&'static str),
+    KRetProbe(&'static str),
+}
+
+impl Hook {
+    fn target(self) -> &'static str {
+        match self {
+            Hook::Tracepoint(t)
+            | Hook::FEntry(t)
+            | Hook::FExit(t)
+            | Hook::KProbe(t)
+            | Hook::KRetProbe(t) => t,
+        }
+    }
+}
+
+/// Tracepoints every backend uses.
+const SHARED: &[(&str, Hook)] = &[
+    ("observer_tp_retransmit", Hook::Tracepoint("tcp_retransmit_skb")),
+    ("observer_tp_state", Hook::Tracepoint("inet_sock_set_state")),
+    ("observer_tp_destroy", Hook::Tracepoint("tcp_destroy_sock")),
+    ("observer_tp_reset_sent", Hook::Tracepoint("tcp_send_reset")),
+    ("observer_tp_reset_received", Hook::Tracepoint("tcp_receive_reset")),
+    ("observer_tp_thread_exit", Hook::Tracepoint("sched_process_exit")),
 ];
+
+/// Programs that time the watched processes' socket syscalls per thread. They run on every
+/// syscall of the machine, so they are attached only when specific processes are watched.
+const THREAD_PROGRAMS: &[(&str, Hook)] = &[
+    ("observer_tp_sys_enter", Hook::Tracepoint("sys_enter")),
+    ("observer_tp_sys_exit", Hook::Tracepoint("sys_exit")),
+];
+
+/// tcp_recvmsg lost its `nonblock` argument in Linux 5.19: 5 parameters now, 6 before.
+const RECVMSG_OLD_ARITY: usize = 6;
+
+/// The programs a backend attaches on this kernel, and what it has to do without.
+fn plan(
+    backend: Backend,
+    btf: &Btf,
+    track_threads: bool,
+) -> (Vec<(&'static str, Hook)>, Vec<String>) {
+    let mut programs: Vec<(&'static str, Hook)> = SHARED.to_vec();
+    let mut notes = Vec::new();
+    let old_recv = btf.function_arity("tcp_recvmsg") == Some(RECVMSG_OLD_ARITY);
+    let has_sendpage = btf.function_arity("tcp_sendpage").is_some();
+    match backend {
+        Backend::Fentry => {
+            programs.extend([
+                ("observer_fe_send", Hook::FEntry("tcp_sendmsg")),
+                ("observer_fx_send", Hook::FExit("tcp_sendmsg")),
+                (
+                    if old_recv { "observer_fe_recv_old" } else { "observer_fe_recv" },
+                    Hook::FEntry("tcp_recvmsg"),
+                ),
+                ("observer_fx_recv", Hook::FExit("tcp_recvmsg")),
+            ]);
+            if has_sendpage {
+                programs.extend([
+                    ("observer_fe_sendpage", Hook::FEntry("tcp_sendpage")),
+                    ("observer_fx_sendpage", Hook::FExit("tcp_sendpage")),
+                ]);
+            }
+        }
+        Backend::Kprobe => {
+            programs.extend([
+                ("observer_kp_send", Hook::KProbe("tcp_sendmsg")),
+                ("observer_kr_send", Hook::KRetProbe("tcp_sendmsg")),
+                (
+                    if old_recv { "observer_kp_recv_old" } else { "observer_kp_recv" },
+                    Hook::KProbe("tcp_recvmsg"),
+                ),
+                ("observer_kr_recv", Hook::KRetProbe("tcp_recvmsg")),
+            ]);
+            if has_sendpage {
+                programs.extend([
+                    ("observer_kp_sendpage", Hook::KProbe("tcp_sendpage")),
+                    ("observer_kr_sendpage", Hook::KRetProbe("tcp_sendpage")),
+                ]);
+            }
+        }
+        Backend::Tracepoint => {
+            if btf.has_tracepoint("sock_send_length") && btf.has_tracepoint("sock_recv_length") {
+                programs.extend([
+                    ("observer_tp_send", Hook::Tracepoint("sock_send_length")),
+                    ("observer_tp_recv", Hook::Tracepoint("sock_recv_length")),
+                ]);
+            } else {
+                notes.push(
+                    "no sock_send_length/sock_recv_length tracepoints (Linux < 6.3): send and \
+                     receive times come from tcp_info, and the last thread to do I/O is unknown"
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    if track_threads {
+        programs.extend_from_slice(THREAD_PROGRAMS);
+    }
+    (programs, notes)
+}
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "this observer binary was built without its BPF programs (bpf-linker or the nightly \
+         toolchain was missing); build it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("{0}; the kernel must be built with CONFIG_DEBUG_INFO_BTF=y")]
+    Btf(#[from] BtfError),
+    #[error("kernel has no tracepoint {0}")]
+    MissingTracepoint(&'static str),
+    #[error(
+        "permission denied loading BPF programs: run as root (or with CAP_BPF and CAP_PERFMON)"
+    )]
+    NotPermitted,
+    #[error("loading the BPF object failed: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("{backend} is unavailable on this kernel: {program} on {target}: {detail}")]
+    Unavailable {
+        backend: &'static str,
+        program: &'static str,
+        target: &'static str,
+        detail: String,
+    },
+}
+
+fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.raw_os_error().is_some()
+        {
+            return io.raw_os_error();
+        }
+        cur = e.source();
+    }
+    None
+}
+
+pub struct LoadOptions {
+    /// Record calls only for these processes (all processes when empty).
+    pub pids: Vec<u32>,
+    pub max_sockets: u32,
+}
+
+/// Loaded and attached programs plus handles on their maps. Dropping it detaches everything.
+pub struct Probes {
+    backend: Backend,
+    tracks_threads: bool,
+    notes: Vec<String>,
+    sockets: HashMap<MapData, u64, SockActivity>,
+    counters: PerCpuArray<MapData, u64>,
+    thread_calls: HashMap<MapData, u32, ThreadCall>,
+    sock_calls: HashMap<MapData, u32, SockCall>,
+    accept_errors: HashMap<MapData, u32, u64>,
+    resets: RingBuf<MapData>,
+    // Keeps the programs loaded and attached.
+    _ebpf: Ebpf,
+}
+
+/// A backend that could not be used, and why.
+#[derive(Debug)]
+pub struct Skipped {
+    pub backend: Backend,
+    pub error: ProbeError,
+}
+
+impl Probes {
+    /// Loads the first of `choice`'s candidates that loads and attaches. Returns it with the
+    /// reasons the better ones were skipped; fails with the last reason if none works.
+    pub fn load_best(
+        choice: ProbeChoice,
+        options: &LoadOptions,
+        btf: &Btf,
+    ) -> Result<(Probes, Vec<Skipped>), ProbeError> {
+        let mut skipped = Vec::new();
+        for &backend in choice.candidates() {
+            match Probes::load(backend, options, btf) {
+                Ok(probes) => return Ok((probes, skipped)),
+                // Privileges or a missing object do not depend on the backend: stop here.
+                Err(e @ (ProbeError::NotPermitted | ProbeError::NoObject | ProbeError::Btf(_))) => {
+                    return Err(e);
+                }
+                Err(error) => skipped.push(Skipped { backend, error }),
+            }
+        }
+        Err(skipped.pop().map(|s| s.error).expect("at least one candidate"))
+    }
+
+    pub fn load(backend: Backend, options: &LoadOptions, btf: &Btf) -> Result<Self, ProbeError> {
+        if OBJECT.is_empty() {
+            return Err(ProbeError::NoObject);
+        }
+        let tracks_threads = !options.pids.is_empty();
+        let (programs, notes) = plan(backend, btf, tracks_threads);
+        for (_, hook) in &programs {
+            if let Hook::Tracepoint(name) = hook
+                && !btf.has_tracepoint(name)
+            {
+                return Err(ProbeError::MissingTracepoint(name));
+            }
+        }
+        let offsets = kernel_offsets(btf)?;
+        let filter_pids = u32::from(tracks_threads);
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("FILTER_PIDS", &filter_pids, true)
+            .map_max_entries("SOCKETS", options.max_sockets)
+            .load(OBJECT)
+            .map_err(|e| {
+                if errno_of(&e) == Some(libc::EPERM) {
+                    ProbeError::NotPermitted
+                } else {
+                    ProbeError::Object(e)
+                }
+            })?;
+
+        let mut watched: HashMap<_, u32, u8> = take_map(&mut ebpf, "WATCHED_PIDS")?;
+        for pid in &options.pids {
+            watched.insert(pid, 1, 0).map_err(|e| ProbeError::Object(e.into()))?;
+        }
+        let mut syscalls: Array<_, u32> = take_map(&mut ebpf, "TRACKED_SYSCALLS")?;
+        let tracked = crate::syscalls::SOCKET_CALLS.iter().filter(|c| {
+            // The probes read the fd from the first argument only.
+            c.kind != syscall_kind::NONE
+                && c.fd_arg == 0
+                && (0..i64::from(MAX_SYSCALL_NR)).contains(&c.nr)
+        });
+        for call in tracked {
+            syscalls.set(call.nr as u32, call.kind, 0).map_err(|e| ProbeError::Object(e.into()))?;
+        }
+        for &(program, hook) in &programs {
+            attach(&mut ebpf, backend, program, hook, &aya_btf)?;
+        }
+        Ok(Probes {
+            backend,
+            tracks_threads,
+            notes,
+            sockets: take_map(&mut ebpf, "SOCKETS")?,
+            counters: take_map(&mut ebpf, "COUNTERS")?,
+            thread_calls: take_map(&mut ebpf, "THREAD_CALLS")?,
+            sock_calls: take_map(&mut ebpf, "SOCK_CALLS")?,
+            accept_errors: take_map(&mut ebpf, "ACCEPT_ERRORS")?,
+            resets: take_map(&mut ebpf, "RESETS")?,
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// What this backend cannot do on this kernel.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Whether per-thread syscall timing (blocked_ms in read/write, accept errors) is recorded.
+    pub fn tracks_threads(&self) -> bool {
+        self.tracks_threads
+    }
+
+    /// Every tracked socket's activity, by cookie.
+    pub fn activity(&self) -> StdHashMap<u64, SockActivity> {
+        // Entries can vanish between listing a key and reading it (the socket was destroyed);
+        // those are skipped, not errors.
+        self.sockets.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Each tracked thread's current or last socket syscall, by thread id.
+    pub fn thread_calls(&self) -> StdHashMap<u32, ThreadCall> {
+        self.thread_calls.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Threads inside a TCP send or receive (fentry and kprobe backends), by thread id.
+    pub fn sock_calls(&self) -> StdHashMap<u32, SockCall> {
+        self.sock_calls.iter().filter_map(Result::ok).filter(|(_, c)| c.enter_ns != 0).collect()
+    }
+
+    /// accept() failures for lack of fds, by process id, since the agent started.
+    pub fn accept_errors(&self) -> StdHashMap<u32, u64> {
+        self.accept_errors.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Data-losing resets reported since the last call.
+    pub fn drain_resets(&mut self) -> Vec<ResetEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.resets.next() {
+            if item.len() >= size_of::<ResetEvent>() {
+                // SAFETY: the programs write whole ResetEvents; read_unaligned copes with any
+                // alignment of the ring buffer slot.
+                events
+                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ResetEvent>()) });
+            }
+        }
+        events
+    }
+
+    /// Sum over CPUs of each counter.
+    pub fn counters(&self) -> StdHashMap<&'static str, u64> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let total = self.counters.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (c.name(), total)
+            })
+            .collect()
+    }
+}
 
 /// Struct offsets the programs need, from the running kernel's BTF.
 fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
@@ -85,174 +415,8 @@ fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         tcp_write_seq: tcp("write_seq")?,
         tcp_snd_una: tcp("snd_una")?,
         regs_arg0,
-        _pad: 0,
+        skc_cookie: common("skc_cookie")?,
     })
-}
-
-#[derive(Debug, Error)]
-pub enum ProbeError {
-    #[error(
-        "this observer binary was built without its BPF programs (bpf-linker or the nightly \
-         toolchain was missing); build it with `cargo xtask build`"
-    )]
-    NoObject,
-    #[error("{0}; the kernel must be built with CONFIG_DEBUG_INFO_BTF=y")]
-    Btf(#[from] BtfError),
-    #[error(
-        "kernel has no tracepoint {tracepoint} (the {backend} backend needs Linux 6.3 or later)"
-    )]
-    MissingTracepoint { backend: &'static str, tracepoint: &'static str },
-    #[error(
-        "permission denied loading BPF programs: run as root (or with CAP_BPF and CAP_PERFMON)"
-    )]
-    NotPermitted,
-    #[error("loading the BPF object failed: {0}")]
-    Object(#[source] aya::EbpfError),
-    #[error("kernel rejected program {program} ({tracepoint}): {detail}")]
-    Program { program: &'static str, tracepoint: &'static str, detail: String },
-}
-
-fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.raw_os_error() == Some(libc::EPERM)
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
-}
-
-pub struct LoadOptions {
-    /// Record sends and receives only for these processes (all processes when empty).
-    pub pids: Vec<u32>,
-    pub max_sockets: u32,
-}
-
-/// Loaded and attached programs plus handles on their maps. Dropping it detaches everything.
-pub struct Probes {
-    backend: Backend,
-    tracks_threads: bool,
-    sockets: HashMap<MapData, u64, SockActivity>,
-    counters: PerCpuArray<MapData, u64>,
-    thread_calls: HashMap<MapData, u32, ThreadCall>,
-    accept_errors: HashMap<MapData, u32, u64>,
-    resets: RingBuf<MapData>,
-    // Keeps the programs loaded and attached.
-    _ebpf: Ebpf,
-}
-
-impl Probes {
-    pub fn load(backend: Backend, options: &LoadOptions, btf: &Btf) -> Result<Self, ProbeError> {
-        if OBJECT.is_empty() {
-            return Err(ProbeError::NoObject);
-        }
-        let tracks_threads = !options.pids.is_empty();
-        let mut programs = backend.programs().to_vec();
-        if tracks_threads {
-            programs.extend_from_slice(THREAD_PROGRAMS);
-        }
-        for &(_, tracepoint) in &programs {
-            if !btf.has_tracepoint(tracepoint) {
-                return Err(ProbeError::MissingTracepoint { backend: backend.name(), tracepoint });
-            }
-        }
-        let offsets = kernel_offsets(btf)?;
-        let filter_pids = u32::from(tracks_threads);
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
-
-        let mut ebpf =
-            EbpfLoader::new()
-                .btf(Some(&aya_btf))
-                .override_global("OFFSETS", &offsets, true)
-                .override_global("FILTER_PIDS", &filter_pids, true)
-                .map_max_entries("SOCKETS", options.max_sockets)
-                .load(OBJECT)
-                .map_err(|e| {
-                    if is_eperm(&e) { ProbeError::NotPermitted } else { ProbeError::Object(e) }
-                })?;
-
-        let mut watched: HashMap<_, u32, u8> = take_map(&mut ebpf, "WATCHED_PIDS")?;
-        for pid in &options.pids {
-            watched.insert(pid, 1, 0).map_err(|e| ProbeError::Object(e.into()))?;
-        }
-        let mut syscalls: Array<_, u32> = take_map(&mut ebpf, "TRACKED_SYSCALLS")?;
-        let tracked = crate::syscalls::SOCKET_CALLS.iter().filter(|c| {
-            // The probes read the fd from the first argument only.
-            c.kind != syscall_kind::NONE
-                && c.fd_arg == 0
-                && (0..i64::from(MAX_SYSCALL_NR)).contains(&c.nr)
-        });
-        for call in tracked {
-            syscalls.set(call.nr as u32, call.kind, 0).map_err(|e| ProbeError::Object(e.into()))?;
-        }
-        for &(program, tracepoint) in &programs {
-            attach_btf_tracepoint(&mut ebpf, program, tracepoint, &aya_btf)?;
-        }
-        Ok(Probes {
-            backend,
-            tracks_threads,
-            sockets: take_map(&mut ebpf, "SOCKETS")?,
-            counters: take_map(&mut ebpf, "COUNTERS")?,
-            thread_calls: take_map(&mut ebpf, "THREAD_CALLS")?,
-            accept_errors: take_map(&mut ebpf, "ACCEPT_ERRORS")?,
-            resets: take_map(&mut ebpf, "RESETS")?,
-            _ebpf: ebpf,
-        })
-    }
-
-    /// Whether per-thread call timing (blocked_ms, accept errors) is being recorded.
-    pub fn tracks_threads(&self) -> bool {
-        self.tracks_threads
-    }
-
-    /// Each tracked thread's current or last socket call, by thread id.
-    pub fn thread_calls(&self) -> StdHashMap<u32, ThreadCall> {
-        self.thread_calls.iter().filter_map(Result::ok).collect()
-    }
-
-    /// accept() failures for lack of fds, by process id, since the agent started.
-    pub fn accept_errors(&self) -> StdHashMap<u32, u64> {
-        self.accept_errors.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Data-losing resets reported since the last call.
-    pub fn drain_resets(&mut self) -> Vec<ResetEvent> {
-        let mut events = Vec::new();
-        while let Some(item) = self.resets.next() {
-            if item.len() >= size_of::<ResetEvent>() {
-                // SAFETY: the programs write whole ResetEvents; read_unaligned copes with any
-                // alignment of the ring buffer slot.
-                events
-                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ResetEvent>()) });
-            }
-        }
-        events
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// Every tracked socket's activity, by cookie.
-    pub fn activity(&self) -> StdHashMap<u64, SockActivity> {
-        // Entries can vanish between listing a key and reading it (the socket was destroyed);
-        // those are skipped, not errors.
-        self.sockets.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Sum over CPUs of each counter.
-    pub fn counters(&self) -> StdHashMap<&'static str, u64> {
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let total = self.counters.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
-                (c.name(), total)
-            })
-            .collect()
-    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
@@ -267,38 +431,107 @@ where
     T::try_from(map).map_err(|e| ProbeError::Object(e.into()))
 }
 
-fn attach_btf_tracepoint(
+fn attach(
     ebpf: &mut Ebpf,
+    backend: Backend,
     program: &'static str,
-    tracepoint: &'static str,
+    hook: Hook,
     btf: &aya::Btf,
 ) -> Result<(), ProbeError> {
-    let failed = |e: &dyn std::fmt::Display| ProbeError::Program {
+    let unavailable = |detail: String| ProbeError::Unavailable {
+        backend: backend.name(),
         program,
-        tracepoint,
-        detail: e.to_string(),
+        target: hook.target(),
+        detail,
     };
-    let prog: &mut BtfTracePoint = ebpf
+    let prog = ebpf
         .program_mut(program)
-        .ok_or_else(|| failed(&"missing from the BPF object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| failed(&e))?;
-    prog.load(tracepoint, btf).map_err(|e| {
-        if is_eperm(&e) { ProbeError::NotPermitted } else { failed(&verifier_detail(&e)) }
-    })?;
-    prog.attach().map_err(|e| failed(&e))?;
-    Ok(())
+        .ok_or_else(|| unavailable("missing from the BPF object".into()))?;
+    let result: Result<(), ProgramError> = (|| {
+        match hook {
+            Hook::Tracepoint(name) => {
+                let p: &mut BtfTracePoint = prog.try_into()?;
+                p.load(name, btf)?;
+                p.attach()?;
+            }
+            Hook::FEntry(name) => {
+                let p: &mut FEntry = prog.try_into()?;
+                p.load(name, btf)?;
+                p.attach()?;
+            }
+            Hook::FExit(name) => {
+                let p: &mut FExit = prog.try_into()?;
+                p.load(name, btf)?;
+                p.attach()?;
+            }
+            Hook::KProbe(name) | Hook::KRetProbe(name) => {
+                let p: &mut KProbe = prog.try_into()?;
+                p.load()?;
+                p.attach(name, 0)?;
+            }
+        }
+        Ok(())
+    })();
+    result.map_err(|e| unavailable(explain(&e)))
 }
 
-/// The verifier log is the only useful part of a load failure; keep its last lines.
-fn verifier_detail(err: &aya::programs::ProgramError) -> String {
+/// A load or attach failure in words an operator can act on.
+fn explain(err: &ProgramError) -> String {
+    let errno = errno_of(err);
+    let root = nix::unistd::geteuid().is_root();
     match err {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError { verifier_log, .. } if errno == Some(libc::EPERM) && root => {
             let log = verifier_log.to_string();
-            let tail: Vec<&str> =
-                log.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("{io_error}: {}", tail.join(" | "))
+            if log.trim().is_empty() {
+                "the kernel refused to load it (EPERM for root, empty verifier log: function \
+                 tracing is locked down here)"
+                    .into()
+            } else {
+                format!("the kernel refused to load it: {}", last_lines(&log))
+            }
         }
-        other => other.to_string(),
+        ProgramError::LoadError { io_error, verifier_log } => {
+            format!("{io_error}: {}", last_lines(&verifier_log.to_string()))
+        }
+        other if other.to_string().contains("event_source/devices/kprobe") => {
+            "this kernel has no kprobe support (no kprobe PMU in /sys/bus/event_source; \
+             CONFIG_KPROBES is off)"
+                .into()
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+/// The verifier log is long; its last lines say what failed.
+fn last_lines(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_tries_fentry_then_kprobe_then_tracepoint() {
+        assert_eq!(
+            ProbeChoice::Auto.candidates(),
+            &[Backend::Fentry, Backend::Kprobe, Backend::Tracepoint]
+        );
+        assert_eq!(ProbeChoice::Kprobe.candidates(), &[Backend::Kprobe]);
+    }
+
+    #[test]
+    fn verifier_log_tail() {
+        assert_eq!(last_lines("a\nb\n\nc\nd\ne\n"), "b | c | d | e");
+        assert_eq!(last_lines(""), "");
     }
 }

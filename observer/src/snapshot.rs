@@ -3,7 +3,7 @@
 //! output) is a pure function of snapshots.
 use std::{collections::HashMap, net::SocketAddr};
 
-use observer_common::{SockActivity, ThreadCall};
+use observer_common::{SockActivity, SockCall, ThreadCall};
 use serde::Serialize;
 
 use crate::{kernel::sock_diag::DiagSocket, policy::Subject, procfs::Owner};
@@ -56,8 +56,10 @@ pub struct Snapshot {
     pub sockets: Vec<SocketView>,
     pub processes: Vec<ProcessView>,
     pub resets: Vec<ResetView>,
-    /// Each watched thread's current or last socket call (empty without --pid).
+    /// Each watched thread's current or last socket syscall (empty without --pid).
     pub thread_calls: HashMap<u32, ThreadCall>,
+    /// Threads inside a TCP send or receive now (fentry and kprobe backends).
+    pub sock_calls: HashMap<u32, SockCall>,
     by_cookie: HashMap<u64, usize>,
 }
 
@@ -70,7 +72,13 @@ impl Snapshot {
         thread_calls: HashMap<u32, ThreadCall>,
     ) -> Snapshot {
         let by_cookie = sockets.iter().enumerate().map(|(i, s)| (s.diag.cookie, i)).collect();
-        Snapshot { taken_ns, sockets, processes, resets, thread_calls, by_cookie }
+        let sock_calls = HashMap::new();
+        Snapshot { taken_ns, sockets, processes, resets, thread_calls, sock_calls, by_cookie }
+    }
+
+    pub fn with_sock_calls(mut self, sock_calls: HashMap<u32, SockCall>) -> Snapshot {
+        self.sock_calls = sock_calls;
+        self
     }
 
     pub fn find(&self, cookie: u64) -> Option<&SocketView> {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use observer_common::{SockActivity, ThreadCall};
+use observer_common::{CALL_SEND, SockActivity, SockCall, ThreadCall};
 
 use crate::{
     procfs::{Owner, ThreadState},
@@ -26,26 +26,43 @@ pub struct ThreadInfo {
     pub last_io_ms: Option<u64>,
 }
 
+/// What the probes know that bears on who is stuck with a socket.
+pub struct Probed<'a> {
+    /// Per-thread socket syscalls (with --pid): which fd, since when.
+    pub syscalls: &'a HashMap<u32, ThreadCall>,
+    /// Per-thread TCP sends and receives in progress (fentry/kprobe backends): which socket.
+    pub sock_calls: &'a HashMap<u32, SockCall>,
+    /// The socket's own record: who last moved data on it.
+    pub activity: Option<&'a SockActivity>,
+}
+
 pub fn attribute(
     owner: &Owner,
+    cookie: u64,
     threads: &[ThreadState],
-    calls: &HashMap<u32, ThreadCall>,
-    activity: Option<&SockActivity>,
+    probed: &Probed,
     now_ns: u64,
 ) -> Vec<ThreadInfo> {
+    let since = |enter_ns: u64| now_ns.saturating_sub(enter_ns) / 1_000_000;
     let blocked: Vec<ThreadInfo> = threads
         .iter()
         .filter_map(|t| {
-            // The probes' record is exact (and timed); /proc covers what they do not track.
-            let timed = calls.get(&t.tid).filter(|c| c.enter_ns != 0 && c.fd == owner.fd);
-            let (blocked_in, blocked_ms) = match (timed, t.blocked.filter(|b| b.fd == owner.fd)) {
-                (Some(call), _) => (
-                    syscalls::by_nr(i64::from(call.nr)).map_or("syscall", |c| c.name),
-                    Some(now_ns.saturating_sub(call.enter_ns) / 1_000_000),
-                ),
-                (None, Some(seen)) => (seen.syscall, None),
-                (None, None) => return None,
-            };
+            // The probes' records are exact and timed; /proc covers what they do not see.
+            let syscall =
+                probed.syscalls.get(&t.tid).filter(|c| c.enter_ns != 0 && c.fd == owner.fd);
+            let kernel = probed
+                .sock_calls
+                .get(&t.tid)
+                .filter(|c| c.enter_ns != 0 && c.cookie == cookie && c.tgid == owner.pid);
+            let seen = t.blocked.filter(|b| b.fd == owner.fd);
+            let blocked_in = syscall
+                .and_then(|c| syscalls::by_nr(i64::from(c.nr)).map(|s| s.name))
+                .or(seen.map(|b| b.syscall))
+                .or(kernel.map(|c| {
+                    if c.direction == CALL_SEND { "tcp_sendmsg" } else { "tcp_recvmsg" }
+                }))?;
+            let blocked_ms =
+                syscall.map(|c| since(c.enter_ns)).or(kernel.map(|c| since(c.enter_ns)));
             Some(ThreadInfo {
                 tid: t.tid,
                 name: t.name.clone(),
@@ -58,7 +75,7 @@ pub fn attribute(
     if !blocked.is_empty() {
         return blocked;
     }
-    let Some(last) = activity.filter(|a| a.last_tid != 0 && a.last_tgid == owner.pid) else {
+    let Some(last) = probed.activity.filter(|a| a.last_tid != 0 && a.last_tgid == owner.pid) else {
         return vec![];
     };
     let name = threads
@@ -72,7 +89,7 @@ pub fn attribute(
         name,
         blocked_in: None,
         blocked_ms: None,
-        last_io_ms: Some(now_ns.saturating_sub(last_io_ns) / 1_000_000),
+        last_io_ms: Some(since(last_io_ns)),
     }]
 }
 
@@ -85,6 +102,15 @@ pub fn comm_str(raw: &[u8; 16]) -> String {
 mod tests {
     use super::*;
     use crate::procfs::BlockedCall;
+    use observer_common::CALL_RECV;
+
+    fn probed<'a>(
+        syscalls: &'a HashMap<u32, ThreadCall>,
+        sock_calls: &'a HashMap<u32, SockCall>,
+        activity: Option<&'a SockActivity>,
+    ) -> Probed<'a> {
+        Probed { syscalls, sock_calls, activity }
+    }
 
     fn owner() -> Owner {
         Owner { pid: 100, fd: 7, comm: "srv".into() }
@@ -105,7 +131,8 @@ mod tests {
             thread(101, "worker-1", Some(("read", 7))),
             thread(102, "worker-2", Some(("read", 8))),
         ];
-        let got = attribute(&owner(), &threads, &HashMap::new(), None, 0);
+        let got =
+            attribute(&owner(), 1, &threads, &probed(&HashMap::new(), &HashMap::new(), None), 0);
         assert_eq!(
             got,
             vec![ThreadInfo {
@@ -126,7 +153,13 @@ mod tests {
             // Thread 102's last call on this fd has returned: not blocked.
             (102, ThreadCall { enter_ns: 0, nr: libc::SYS_recvfrom as u32, fd: 7 }),
         ]);
-        let got = attribute(&owner(), &threads, &calls, None, 43_000_000_000);
+        let got = attribute(
+            &owner(),
+            1,
+            &threads,
+            &probed(&calls, &HashMap::new(), None),
+            43_000_000_000,
+        );
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("recvfrom"), Some(42_000)));
     }
@@ -142,13 +175,9 @@ mod tests {
             last_comm: comm,
             ..Default::default()
         };
-        let got = attribute(
-            &owner(),
-            &[thread(100, "main", None)],
-            &HashMap::new(),
-            Some(&activity),
-            5_000_000_000,
-        );
+        let (none, no_calls) = (HashMap::new(), HashMap::new());
+        let probed = probed(&none, &no_calls, Some(&activity));
+        let got = attribute(&owner(), 1, &[thread(100, "main", None)], &probed, 5_000_000_000);
         assert_eq!(got.len(), 1);
         assert_eq!(
             (got[0].tid, got[0].name.as_str(), got[0].last_io_ms),
@@ -159,6 +188,70 @@ mod tests {
     #[test]
     fn io_by_another_process_is_not_attributed_to_the_owner() {
         let activity = SockActivity { last_tgid: 999, last_tid: 999, ..Default::default() };
-        assert!(attribute(&owner(), &[], &HashMap::new(), Some(&activity), 0).is_empty());
+        assert!(
+            attribute(
+                &owner(),
+                1,
+                &[],
+                &probed(&HashMap::new(), &HashMap::new(), Some(&activity)),
+                0
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn kernel_side_calls_name_and_time_threads_on_that_socket_only() {
+        let threads =
+            [thread(101, "worker-1", None), thread(102, "worker-2", None), thread(103, "w3", None)];
+        let call = |cookie, tgid, direction| SockCall {
+            enter_ns: 2_000_000_000,
+            cookie,
+            sk: 0,
+            tgid,
+            direction,
+            peek: 0,
+        };
+        let sock_calls = HashMap::from([
+            (101, call(1, 100, CALL_SEND)),
+            (102, call(2, 100, CALL_RECV)), // another socket
+            (103, call(1, 999, CALL_RECV)), // same cookie, another process: impossible, ignored
+        ]);
+        let got = attribute(
+            &owner(),
+            1,
+            &threads,
+            &probed(&HashMap::new(), &sock_calls, None),
+            5_000_000_000,
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].tid, got[0].blocked_in, got[0].blocked_ms),
+            (101, Some("tcp_sendmsg"), Some(3000))
+        );
+    }
+
+    #[test]
+    fn proc_names_the_syscall_and_the_kernel_probe_times_it() {
+        let threads = [thread(101, "worker-1", Some(("write", 7)))];
+        let sock_calls = HashMap::from([(
+            101,
+            SockCall {
+                enter_ns: 1_000_000_000,
+                cookie: 1,
+                sk: 0,
+                tgid: 100,
+                direction: CALL_SEND,
+                peek: 0,
+            },
+        )]);
+        let got = attribute(
+            &owner(),
+            1,
+            &threads,
+            &probed(&HashMap::new(), &sock_calls, None),
+            4_000_000_000,
+        );
+        assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("write"), Some(3000)));
     }
 }

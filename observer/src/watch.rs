@@ -19,7 +19,7 @@ use crate::{
     detect::{Detector, Finding, KernelFacts, Target},
     output::{AlertEvent, ClearedEvent, Event, Output, StartedEvent, StatsEvent, timestamp},
     policy::Policy,
-    probes::{Backend, LoadOptions, Probes},
+    probes::{LoadOptions, Probes},
     procfs::{self, ProcessIdentity},
     respond::Responder,
     snapshot::Snapshot,
@@ -51,7 +51,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let btf = Btf::from_kernel()?;
     let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
     let options = LoadOptions { pids: pids.clone(), max_sockets: args.max_sockets };
-    let probes = Probes::load(Backend::Tracepoint, &options, &btf)?;
+    let (probes, skipped) = Probes::load_best(args.probes, &options, &btf)?;
+    for skip in &skipped {
+        log::info!("not using the {} backend: {}", skip.backend.name(), skip.error);
+    }
+    for note in probes.notes() {
+        log::warn!("{} backend: {note}", probes.backend().name());
+    }
     let mut collector = Collector::new(&pids, &args.ports)?;
     let facts = KernelFacts { tcp_retries2: system::tcp_retries2() };
     let responder = args.action.map(|mode| {
@@ -76,6 +82,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         ts: timestamp(SystemTime::now()),
         version: env!("CARGO_PKG_VERSION"),
         backend: watch.probes.backend().name(),
+        backend_notes: watch.probes.notes().to_vec(),
         pids: pids.clone(),
         ports: args.ports.clone(),
         kernel: system::kernel_release(),
@@ -232,13 +239,12 @@ fn thread_attribution(
         && let Some(owner) = &socket.owner
     {
         let process_threads = cache.entry(owner.pid).or_insert_with(|| procfs::threads(owner.pid));
-        return threads::attribute(
-            owner,
-            process_threads,
-            &snapshot.thread_calls,
-            socket.activity.as_ref(),
-            snapshot.taken_ns,
-        );
+        let probed = threads::Probed {
+            syscalls: &snapshot.thread_calls,
+            sock_calls: &snapshot.sock_calls,
+            activity: socket.activity.as_ref(),
+        };
+        return threads::attribute(owner, cookie, process_threads, &probed, snapshot.taken_ns);
     }
     // A socket already gone (a reset on close): the thread that was using it.
     snapshot

@@ -34,8 +34,13 @@ const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
 pub enum DiagError {
     #[error("cannot open a sock_diag netlink socket: {0}")]
     Open(#[source] io::Error),
-    #[error("sock_diag request failed: {0}")]
+    #[error("sock_diag request failed")]
     Io(#[from] io::Error),
+    #[error(
+        "the kernel's TCP socket table (sock_diag) is not available: load it with \
+         `modprobe tcp_diag` (it needs CONFIG_INET_TCP_DIAG)"
+    )]
+    NoTcpDiag,
     #[error("sock_diag reply is malformed: {0}")]
     Malformed(&'static str),
 }
@@ -105,6 +110,13 @@ impl DiagSocketHandle {
                     sockets.push(parse_diag_msg(payload)?);
                 }
                 Ok(())
+            })
+            .map_err(|e| match e {
+                // A dump only fails this way when no handler for TCP is registered.
+                DiagError::Io(io) if io.raw_os_error() == Some(libc::ENOENT) => {
+                    DiagError::NoTcpDiag
+                }
+                other => other,
             })?;
         }
         Ok(sockets)
