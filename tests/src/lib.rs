@@ -376,9 +376,13 @@ impl Server {
     }
 }
 
-/// `observer watch` arguments for tests: fast polls, the given pids, then `extra`.
+/// `observer watch` arguments for tests: fast polls, the given pids, then `extra`. The probe
+/// backend is $OBSERVER_PROBES when set (the VM test runs every test under each backend).
 pub fn watch_args(pids: &[u32], extra: &[&str]) -> Vec<String> {
     let mut args = vec!["watch".to_owned(), "--poll-interval".into(), "200ms".into()];
+    if let Ok(backend) = std::env::var("OBSERVER_PROBES") {
+        args.extend(["--probes".to_owned(), backend]);
+    }
     for pid in pids {
         args.extend(["--pid".to_owned(), pid.to_string()]);
     }
@@ -406,4 +410,42 @@ pub fn run_observer(args: &[&str]) -> (Option<i32>, Vec<Value>, String) {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     (out.status.code(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Makes the peer on the other end of `conn` see this side vanish: every packet arriving at
+/// `conn` is dropped by a socket filter, so nothing is acknowledged any more. Works on loopback
+/// and needs no firewall.
+pub fn vanish(conn: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    // One classic BPF instruction: BPF_RET | BPF_K with 0, "keep no bytes".
+    let drop_all = [libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 }];
+    let program = libc::sock_fprog { len: 1, filter: drop_all.as_ptr().cast_mut() };
+    // SAFETY: setsockopt with a valid filter program that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const program).cast(),
+            size_of::<libc::sock_fprog>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_ATTACH_FILTER: {}", std::io::Error::last_os_error());
+}
+
+/// Undoes [`vanish`].
+pub fn reappear(conn: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let zero = 0i32;
+    // SAFETY: setsockopt on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_FILTER,
+            (&raw const zero).cast(),
+            4,
+        )
+    };
+    assert_eq!(rc, 0, "SO_DETACH_FILTER: {}", std::io::Error::last_os_error());
 }

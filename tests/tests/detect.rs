@@ -15,7 +15,7 @@ use std::{
 use observer_tests::{
     Agent, Server, as_u64, is_event_for,
     netns::{NetPair, SERVER_IP},
-    start_agent,
+    reappear, start_agent, vanish,
 };
 use serde_json::Value;
 
@@ -194,6 +194,36 @@ fn peer_that_stops_reading_blocks_the_server_in_write() {
 }
 
 #[test]
+fn blocked_writer_is_timed_by_the_probes_the_backend_has() {
+    // Watched by port, not pid: no syscall probes. fentry and kprobe time the thread inside
+    // tcp_sendmsg themselves; the tracepoint backend cannot, and must not guess.
+    let mut server = Server::start(&["--mode", "stream"]);
+    let port = server.addr.port().to_string();
+    let mut agent = observer_tests::Agent::start(
+        &observer_tests::watch_args(&[], &["--port", &port, "--blocked-timeout", "1s"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let backend =
+        agent.wait_for("started", DEADLINE, |v| v["event"] == "started")["backend"].clone();
+    let (stuck, accepted) = server.connect();
+    let alert = alert(&mut agent, "blocked_send", &remote_of(&stuck));
+    let worker = alert["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tid"] == accepted["tid"])
+        .unwrap_or_else(|| panic!("worker not named: {alert}"));
+    assert!(worker["blocked_in"].is_string(), "{alert}");
+    if backend == "tracepoint" {
+        assert!(worker.get("blocked_ms").is_none(), "guessed a time: {alert}");
+    } else {
+        assert!(as_u64(&worker["blocked_ms"]) >= 1000, "{backend}: {alert}");
+    }
+}
+
+#[test]
 fn peer_that_vanishes_mid_transfer_is_retransmitting() {
     let net = NetPair::create();
     let listen = format!("{SERVER_IP}:0");
@@ -221,6 +251,32 @@ fn peer_that_vanishes_mid_transfer_is_retransmitting() {
 
     // The peer comes back: the next retransmission is acknowledged and the alert clears.
     net.restore_client_traffic();
+    let clear = cleared(&mut agent, "retransmitting", &client_addr);
+    assert_eq!(clear["why"], "activity_resumed", "{clear}");
+    stop.store(true, Ordering::Relaxed);
+    reading.join().unwrap();
+}
+
+#[test]
+fn peer_that_vanishes_on_loopback_is_retransmitting() {
+    let mut server = Server::start(&["--mode", "stream"]);
+    let mut agent = start_agent(&[server.pid], &["--retrans-timeout", "2s"]);
+    let (client, accepted) = server.connect();
+    let client_addr = remote_of(&client);
+    let reader = client.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let reading = steady_reader(reader, stop.clone(), total.clone());
+    wait_until("data flowing", DEADLINE, || total.load(Ordering::Relaxed) > 256 * 1024);
+    vanish(&client);
+
+    let alert = alert(&mut agent, "retransmitting", &client_addr);
+    assert_owner(&alert, &server, &accepted);
+    assert!(as_u64(&alert["retransmits_in_a_row"]) >= 1, "{alert}");
+    assert!(as_u64(&alert["unacked_segments"]) >= 1, "{alert}");
+    never_alerted(&agent, "blocked_send", &client_addr);
+
+    reappear(&client);
     let clear = cleared(&mut agent, "retransmitting", &client_addr);
     assert_eq!(clear["why"], "activity_resumed", "{clear}");
     stop.store(true, Ordering::Relaxed);

@@ -1,6 +1,8 @@
 //! Project automation: `cargo xtask <command>`. Each command first sets up what it needs, so a
 //! fresh machine goes from clone to running agent or passing tests with one command.
+mod cpio;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -15,7 +17,10 @@ usage: cargo xtask <command>
   setup            install what building needs: nightly rust-src, bpf-linker; mount tracefs
   build            setup, then build target/release/observer (BPF programs embedded)
   run -- ARGS      build, then run target/release/observer ARGS (as root)
-  test             setup, lint, unit tests, build, then the privileged integration tests";
+  test             setup, lint, unit tests, build, the privileged integration tests, then vm-test
+  vm-test          boot a Debian 6.1 kernel under qemu and run the scenarios under every probe
+                   backend there (fentry and kprobe do not work on this machine's kernel);
+                   updates README.md's kernel support table";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +29,7 @@ fn main() -> ExitCode {
         Some("build") => build().map(drop),
         Some("run") => run(&args[1..]),
         Some("test") => test(),
+        Some("vm-test") => vm_test(false),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -47,7 +53,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A cargo command in the workspace that must build real BPF programs, never stubs.
-fn cargo(args: &[&str]) -> Command {
+pub fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args).current_dir(workspace_root()).env("OBSERVER_EBPF", "require");
     cmd
@@ -101,8 +107,24 @@ fn test() -> Result<()> {
     status(
         cargo(&["test", "--release", "--package", "observer-tests"]).env("OBSERVER_BIN", &binary),
     )?;
+    vm_test(true)?;
     eprintln!("xtask: all tests passed");
     Ok(())
+}
+
+/// Runs the VM test and records what both kernels support in README.md.
+fn vm_test(host_tests_passed: bool) -> Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "the VM test needs root (apt-get, and the host check loads BPF): run `sudo -E cargo xtask vm-test`"
+        );
+    }
+    let binary = build()?;
+    let check = Command::new(&binary).arg("check").output().context("running observer check")?;
+    let host_check: serde_json::Value =
+        serde_json::from_slice(&check.stdout).context("observer check printed no JSON")?;
+    let results = vm::run(&binary)?;
+    vm::write_support_table(&host_check, host_tests_passed, &results)
 }
 
 fn nix_is_root() -> bool {

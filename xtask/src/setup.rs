@@ -25,15 +25,18 @@ pub fn test_tools() -> Result<()> {
         .filter(|(tool, _)| output(Command::new(tool).arg("-V")).is_none())
         .map(|(_, package)| package)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {}", missing.join(" "));
+    if missing.is_empty() { Ok(()) } else { apt_install(&missing) }
+}
+
+/// Installs Debian packages, refreshing the package lists once if needed.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    eprintln!("xtask: installing {}", packages.join(" "));
     let install = || {
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -41,10 +44,7 @@ pub fn test_tools() -> Result<()> {
     if !install() {
         let _ = Command::new("apt-get").arg("update").status();
         if !install() {
-            bail!(
-                "cannot install {} (the tests need them): install them and retry",
-                missing.join(" ")
-            );
+            bail!("cannot install {} with apt-get: install them and retry", packages.join(" "));
         }
     }
     Ok(())
