@@ -68,10 +68,17 @@ pub fn cookie_of(sk: *mut c_void) -> u64 {
     unsafe { bpf_get_socket_cookie(sk) }
 }
 
+/// True when only the watched processes' activity is recorded (`--pid`).
+#[inline(always)]
+pub fn filtering_pids() -> bool {
+    let filter = unsafe { read_volatile(&FILTER_PIDS) };
+    filter != 0
+}
+
 /// True when the current process is one the agent watches (always true without `--pid`).
 #[inline(always)]
 pub fn current_is_watched() -> bool {
-    if unsafe { read_volatile(&FILTER_PIDS) } == 0 {
+    if !filtering_pids() {
         return true;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;

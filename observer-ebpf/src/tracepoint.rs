@@ -76,9 +76,11 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let new_state = new_state as u32;
     let cookie = activity::cookie_of(sk);
     // A socket going to CLOSE is about to be destroyed (or already reset): update it, but do not
-    // start tracking it now. Every other transition is tracked, so CLOSE_WAIT and the like have
-    // an exact entry time. SCTP and MPTCP use this tracepoint too, hence the TCP check.
-    let entry = if new_state == tcp_state::CLOSE {
+    // start tracking it now. When specific processes are watched, state changes (often in
+    // softirq, with no owner in sight) only update sockets those processes already used, so the
+    // map holds their sockets only. Otherwise every transition is tracked, so CLOSE_WAIT and
+    // the like have an exact entry time. SCTP and MPTCP use this tracepoint too: TCP is checked.
+    let entry = if new_state == tcp_state::CLOSE || activity::filtering_pids() {
         activity::existing(cookie)
     } else {
         activity::entry(sk, cookie, Known::Unchecked)

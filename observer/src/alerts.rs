@@ -1,11 +1,12 @@
 //! Turns each poll's findings into alert transitions: an alert is raised once per target and
 //! reason, stays quiet while the condition holds, and is cleared once when it ends.
-use std::{collections::BTreeMap, time::Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::{
     detect::{Finding, Target},
+    fastmap::FastMap,
     reason::Reason,
     snapshot::{Identity, Snapshot},
 };
@@ -24,8 +25,17 @@ pub enum ClearWhy {
 
 #[derive(Default)]
 pub struct AlertBook {
-    /// Raised and not yet cleared, with the identity and time when it was raised.
-    active: BTreeMap<(Target, Reason), (Identity, Instant)>,
+    /// Raised and not yet cleared. Updated in place: with a storm of 100k standing alerts, a
+    /// poll touches each once and allocates nothing for them.
+    active: FastMap<(Target, Reason), Active>,
+    generation: u64,
+}
+
+struct Active {
+    /// The identity when raised (what the clear repeats).
+    identity: Identity,
+    since: Instant,
+    generation: u64,
 }
 
 #[derive(Debug, PartialEq)]
@@ -36,31 +46,37 @@ pub struct Cleared {
 }
 
 impl AlertBook {
-    /// Records this poll's findings; returns those that are new (to raise) and the alerts whose
-    /// condition ended (to clear).
+    /// Records this poll's findings; returns those that are new (to raise, with their identity)
+    /// and the alerts whose condition ended (to clear), both in a stable order.
     pub fn update<'f>(
         &mut self,
         snapshot: &Snapshot,
         findings: &'f [Finding],
-    ) -> (Vec<&'f Finding>, Vec<Cleared>) {
-        let mut still_active = BTreeMap::new();
+    ) -> (Vec<(&'f Finding, Identity)>, Vec<Cleared>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let now = Instant::now();
         let mut raised = Vec::new();
         for finding in findings {
-            let key = (finding.target, finding.reason);
-            let entry = match self.active.remove(&key) {
-                Some(entry) => entry,
-                None => {
-                    raised.push(finding);
-                    (finding.identity.clone(), Instant::now())
+            match self.active.entry((finding.target, finding.reason())) {
+                std::collections::hash_map::Entry::Occupied(mut a) => {
+                    a.get_mut().generation = generation
                 }
-            };
-            still_active.insert(key, entry);
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let identity = finding.identity(snapshot);
+                    slot.insert(Active { identity: identity.clone(), since: now, generation });
+                    raised.push((finding, identity));
+                }
+            }
         }
-        let cleared = std::mem::replace(&mut self.active, still_active)
+        let mut ended: Vec<((Target, Reason), Active)> =
+            self.active.extract_if(|_, a| a.generation != generation).collect();
+        ended.sort_by_key(|(key, _)| *key);
+        let cleared = ended
             .into_iter()
-            .map(|((target, reason), (identity, _))| {
-                let why = why_cleared(snapshot, target, &identity);
-                Cleared { identity, reason, why }
+            .map(|((target, reason), a)| {
+                let why = why_cleared(snapshot, target, &a.identity);
+                Cleared { identity: a.identity, reason, why }
             })
             .collect();
         (raised, cleared)
@@ -68,9 +84,10 @@ impl AlertBook {
 
     /// Clears every alert, as when the watched processes are gone.
     pub fn clear_all(&mut self, why: ClearWhy) -> Vec<Cleared> {
-        std::mem::take(&mut self.active)
-            .into_iter()
-            .map(|((_, reason), (identity, _))| Cleared { identity, reason, why })
+        let mut all: Vec<_> = self.active.drain().collect();
+        all.sort_by_key(|(key, _)| *key);
+        all.into_iter()
+            .map(|((_, reason), a)| Cleared { identity: a.identity, reason, why })
             .collect()
     }
 
@@ -80,7 +97,7 @@ impl AlertBook {
 
     /// Every standing alert with when it was raised.
     pub fn standing(&self) -> impl Iterator<Item = (Target, Reason, Instant)> + '_ {
-        self.active.iter().map(|(&(target, reason), &(_, since))| (target, reason, since))
+        self.active.iter().map(|(&(target, reason), a)| (target, reason, a.since))
     }
 
     /// Whether an alert for `target` and `reason` stands.
@@ -121,7 +138,7 @@ mod tests {
         let findings = det.observe(s);
         let (raised, cleared) = book.update(s, &findings);
         (
-            raised.iter().map(|f| f.target).collect(),
+            raised.iter().map(|(f, _)| f.target).collect(),
             cleared.iter().map(|c| (c.identity.cookie, c.why)).collect(),
         )
     }

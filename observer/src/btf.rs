@@ -1,8 +1,6 @@
 //! Just enough of a BTF reader to find struct member offsets and tracepoint declarations in the
 //! running kernel's /sys/kernel/btf/vmlinux. Rust BPF programs have no CO-RE relocations, so the
 //! offsets they need are looked up here and handed to them at load time.
-use std::collections::HashMap;
-
 use thiserror::Error;
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -38,28 +36,31 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Member {
-    name: String,
+    name: u32,
     type_id: u32,
     bit_offset: u32,
 }
 
-#[derive(Debug, Clone)]
+/// One type: names are offsets into the string section, members a range of `members`.
+#[derive(Debug, Clone, Copy)]
 struct Type {
-    kind: u32,
-    name: String,
+    kind: u8,
+    name: u32,
     /// The referenced type for typedef/const/volatile/pointer-like kinds and functions.
     referenced: u32,
     /// Member, parameter or value count.
     vlen: u16,
-    members: Vec<Member>,
+    first_member: u32,
 }
 
-/// Parsed kernel BTF: the types this reader understands, by id.
+/// Parsed kernel BTF: just the types this reader understands. The kernel's BTF has ~150k types,
+/// so nothing here allocates per type beyond these small records.
 pub struct Btf {
+    strings: Vec<u8>,
     types: Vec<Type>,
-    by_name: HashMap<(u32, String), u32>,
+    members: Vec<Member>,
 }
 
 impl Btf {
@@ -86,26 +87,23 @@ impl Btf {
         let type_end = type_start + u32_at(12)? as usize;
         let str_start = hdr_len + u32_at(16)? as usize;
         let str_end = str_start + u32_at(20)? as usize;
-        let strings = data.get(str_start..str_end).ok_or(BtfError::Malformed("string section"))?;
-        let name = |off: u32| -> String {
-            let tail = strings.get(off as usize..).unwrap_or_default();
-            let len = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-            String::from_utf8_lossy(&tail[..len]).into_owned()
-        };
+        let strings =
+            data.get(str_start..str_end).ok_or(BtfError::Malformed("string section"))?.to_vec();
 
         // Type id 0 is `void`.
-        let mut types =
-            vec![Type { kind: 0, name: String::new(), referenced: 0, vlen: 0, members: vec![] }];
+        let void = Type { kind: 0, name: 0, referenced: 0, vlen: 0, first_member: 0 };
+        let mut types = vec![void];
+        let mut members = Vec::new();
         let mut at = type_start;
         while at < type_end {
-            let name_off = u32_at(at)?;
+            let name = u32_at(at)?;
             let info = u32_at(at + 4)?;
-            let size_or_type = u32_at(at + 8)?;
+            let referenced = u32_at(at + 8)?;
             at += 12;
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
             let bitfield_members = info >> 31 == 1;
-            let mut members = Vec::new();
+            let first_member = members.len() as u32;
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
                 KIND_ARRAY => at += 12,
@@ -113,7 +111,7 @@ impl Btf {
                     for _ in 0..vlen {
                         let offset = u32_at(at + 8)?;
                         members.push(Member {
-                            name: name(u32_at(at)?),
+                            name: u32_at(at)?,
                             type_id: u32_at(at + 4)?,
                             bit_offset: if bitfield_members { offset & 0xff_ffff } else { offset },
                         });
@@ -126,47 +124,61 @@ impl Btf {
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             }
             types.push(Type {
-                kind,
-                name: name(name_off),
-                referenced: size_or_type,
+                kind: kind as u8,
+                name,
+                referenced,
                 vlen: vlen as u16,
-                members,
+                first_member,
             });
         }
-        let by_name = types
+        Ok(Btf { strings, types, members })
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let tail = self.strings.get(offset as usize..).unwrap_or_default();
+        let len = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        &tail[..len]
+    }
+
+    /// The id of the type of `kind` called `name`. A linear scan: it runs a few dozen times at
+    /// start-up, and an index would cost megabytes for the agent's whole life.
+    fn find(&self, kind: u32, name: &str) -> Option<u32> {
+        let name = name.as_bytes();
+        self.types
             .iter()
-            .enumerate()
-            .filter(|(_, t)| !t.name.is_empty())
-            .map(|(id, t)| ((t.kind, t.name.clone()), id as u32))
-            .collect();
-        Ok(Btf { types, by_name })
+            .position(|t| u32::from(t.kind) == kind && self.name(t.name) == name)
+            .map(|id| id as u32)
+    }
+
+    fn members_of(&self, t: &Type) -> &[Member] {
+        let start = t.first_member as usize;
+        self.members.get(start..start + t.vlen as usize).unwrap_or_default()
     }
 
     /// Whether the kernel declares tracepoint `name` (every tracepoint has a `btf_trace_<name>`
     /// typedef, which is also what a BTF tracepoint program attaches by).
     pub fn has_tracepoint(&self, name: &str) -> bool {
-        self.by_name.contains_key(&(KIND_TYPEDEF, format!("btf_trace_{name}")))
+        self.find(KIND_TYPEDEF, &format!("btf_trace_{name}")).is_some()
     }
 
     /// How many parameters kernel function `name` takes, if the kernel has it (not inlined away).
     pub fn function_arity(&self, name: &str) -> Option<usize> {
-        let func = self.by_name.get(&(KIND_FUNC, name.to_owned()))?;
-        let proto = self.types.get(self.types.get(*func as usize)?.referenced as usize)?;
-        (proto.kind == KIND_FUNC_PROTO).then_some(proto.vlen as usize)
+        let func = self.types.get(self.find(KIND_FUNC, name)? as usize)?;
+        let proto = self.types.get(func.referenced as usize)?;
+        (u32::from(proto.kind) == KIND_FUNC_PROTO).then_some(proto.vlen as usize)
     }
 
     /// Byte offset of `path` (e.g. `["__sk_common", "skc_family"]`) inside `struct struct_name`.
     /// Members of anonymous structs and unions are found as if they were direct members, as C
     /// code sees them.
     pub fn member_offset(&self, struct_name: &str, path: &[&str]) -> Result<u32, BtfError> {
-        let mut type_id = *self
-            .by_name
-            .get(&(KIND_STRUCT, struct_name.to_owned()))
+        let mut type_id = self
+            .find(KIND_STRUCT, struct_name)
             .ok_or_else(|| BtfError::NoStruct(struct_name.to_owned()))?;
         let mut bits = 0;
         for member in path {
             let (offset, member_type) = self
-                .find_member(type_id, member)
+                .find_member(type_id, member.as_bytes())
                 .ok_or_else(|| BtfError::NoMember(struct_name.to_owned(), path.join(".")))?;
             bits += offset;
             type_id = member_type;
@@ -174,13 +186,14 @@ impl Btf {
         Ok(bits / 8)
     }
 
-    fn find_member(&self, type_id: u32, wanted: &str) -> Option<(u32, u32)> {
+    fn find_member(&self, type_id: u32, wanted: &[u8]) -> Option<(u32, u32)> {
         let container = self.resolve(type_id)?;
-        for member in &container.members {
-            if member.name == wanted {
+        for member in self.members_of(container) {
+            let name = self.name(member.name);
+            if name == wanted {
                 return Some((member.bit_offset, member.type_id));
             }
-            if member.name.is_empty()
+            if name.is_empty()
                 && let Some((inner, found)) = self.find_member(member.type_id, wanted)
             {
                 return Some((member.bit_offset + inner, found));
@@ -193,7 +206,7 @@ impl Btf {
     fn resolve(&self, mut type_id: u32) -> Option<&Type> {
         loop {
             let t = self.types.get(type_id as usize)?;
-            match t.kind {
+            match u32::from(t.kind) {
                 KIND_STRUCT | KIND_UNION => return Some(t),
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     type_id = t.referenced

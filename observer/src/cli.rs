@@ -205,6 +205,11 @@ pub struct WatchArgs {
     #[arg(long, requires = "action")]
     pub dry_run: bool,
 
+    /// Measure each probe's kernel run time (enables kernel BPF statistics while running,
+    /// which adds a few ns per event) and report it per program in `stats` as `probe_cost`.
+    #[arg(long)]
+    pub probe_stats: bool,
+
     /// Capacity of the in-kernel socket table. Sockets beyond it are not tracked by the probes
     /// (their alerts then rely on the kernel's own counters) and are counted as `track_failed`
     /// in `stats`.

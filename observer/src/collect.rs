@@ -1,39 +1,67 @@
 //! One poll's I/O: reads the kernel's socket table in every watched network namespace, the
 //! probes' maps and /proc, and joins them into a [`Snapshot`].
+//!
+//! At 100k sockets the work is dominated by the kernel filling in socket details and by /proc,
+//! so the collector asks the kernel only for what it needs (listeners with their drop counters;
+//! connections with tcp_info, filtered to the watched ports or away from the watched server's
+//! local clients) and reads only the fd links that may have changed since the last poll.
 use std::{
     collections::{BTreeMap, HashMap, btree_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use observer_common::{RESET_SENT, ResetEvent};
 
 use crate::{
-    kernel::{netns, sock_diag::DiagSocketHandle},
+    fastmap::{FastMap, FastSet},
+    kernel::{
+        netns,
+        sock_diag::{DiagSocketHandle, Extensions, PortFilter},
+    },
     probes::Probes,
-    procfs::{self, Owner},
-    snapshot::{ProcessView, ResetView, Snapshot, SocketView},
+    procfs::{self, FdCache, Owner},
+    snapshot::{Activity, ProcessView, ResetView, Snapshot, SocketView},
     system, threads,
 };
 
-/// Every TCP state except TIME_WAIT and NEW_SYN_RECV, which are not full sockets: they have no
-/// owner, no fd and cannot hold a thread.
-const DUMP_STATES: u32 = ((1 << 12) - 2) & !(1 << 6);
+const LISTEN: u8 = 10;
+const LISTEN_STATES: u32 = 1 << LISTEN;
+/// Connections: every state but LISTEN, TIME_WAIT and NEW_SYN_RECV. The last two are not full
+/// sockets: they have no owner, no fd and cannot hold a thread.
+const CONNECTION_STATES: u32 = ((1 << 12) - 2) & !(1 << 6) & !LISTEN_STATES;
+/// From this many sockets on, the connection dump is split in two and run on two threads: the
+/// kernel's cost is mostly filling in each socket, and that half is divided.
+const PARALLEL_DUMP_FROM: usize = 20_000;
 
 pub struct Collector {
     /// One sock_diag socket per watched network namespace.
     namespaces: BTreeMap<netns::NetnsId, DiagSocketHandle>,
+    /// A second one, for the parallel half of big dumps; and a process in each namespace, to
+    /// open it there.
+    helpers: BTreeMap<netns::NetnsId, DiagSocketHandle>,
+    namespace_pids: BTreeMap<netns::NetnsId, Option<u32>>,
+    /// The remote port that splits the last poll's connections in halves.
+    split_port: u16,
     /// Watched processes; `None` watches every socket in the agent's own namespace.
     pids: Option<Vec<u32>>,
     ports: Vec<u16>,
+    fd_cache: FdCache,
+    /// The watched processes' listening ports, as of the last poll.
+    listen_ports: Vec<u16>,
+    /// Sockets in scope at the last poll, to size the next one's buffer.
+    last_count: usize,
 }
 
 impl Collector {
     pub fn new(pids: &[u32], ports: &[u16]) -> anyhow::Result<Self> {
         let mut namespaces = BTreeMap::new();
+        let mut namespace_pids = BTreeMap::new();
         if pids.is_empty() {
             let own = netns::own().context("cannot read /proc/self/ns/net")?;
             namespaces.insert(own, DiagSocketHandle::open()?);
+            namespace_pids.insert(own, None);
         }
         for &pid in pids {
             let id = netns::of_pid(pid)
@@ -42,12 +70,19 @@ impl Collector {
                 slot.insert(netns::diag_socket_in(pid).with_context(|| {
                     format!("cannot enter the network namespace of pid {pid} (needs CAP_SYS_ADMIN)")
                 })?);
+                namespace_pids.insert(id, Some(pid));
             }
         }
         Ok(Collector {
             namespaces,
+            helpers: BTreeMap::new(),
+            namespace_pids,
+            split_port: 32768,
             pids: (!pids.is_empty()).then(|| pids.to_vec()),
             ports: ports.to_vec(),
+            fd_cache: FdCache::default(),
+            listen_ports: Vec::new(),
+            last_count: 0,
         })
     }
 
@@ -63,42 +98,139 @@ impl Collector {
         }
     }
 
-    fn port_in_scope(&self, local: u16, remote: u16) -> bool {
-        self.ports.is_empty() || self.ports.contains(&local) || self.ports.contains(&remote)
+    /// The kernel-side filter for connection dumps.
+    fn connection_filter(&self) -> Option<PortFilter> {
+        if !self.ports.is_empty() {
+            Some(PortFilter::Either(self.ports.clone()))
+        } else if self.pids.is_some() && !self.listen_ports.is_empty() {
+            // A watched server's local clients belong to other processes: skip them. (A watched
+            // process that connects to its own listener has that end skipped too.)
+            Some(PortFilter::NotClientOf(self.listen_ports.clone()))
+        } else {
+            None
+        }
     }
 
-    fn pid_in_scope(&self, pid: u32) -> bool {
-        self.pids.as_ref().is_none_or(|pids| pids.contains(&pid))
+    /// The socket table of every watched namespace, as snapshot records still to be joined.
+    fn dump(&mut self) -> anyhow::Result<Vec<SocketView>> {
+        let filter = self.connection_filter();
+        let parallel = self.last_count >= PARALLEL_DUMP_FROM;
+        // Room for what the last poll saw: growing by doubling would leave up to half unused.
+        let mut sockets = Vec::with_capacity(self.last_count + self.last_count / 32 + 64);
+        let split = u32::from(self.split_port);
+        for (&netns, handle) in &mut self.namespaces {
+            let view = |diag| SocketView { diag, netns, owner: None, activity: None };
+            // Listeners are few; their drop counter (meminfo) tells of accept queue overflows.
+            handle
+                .dump_each(LISTEN_STATES, Extensions::MEMINFO, None, |d| sockets.push(view(d)))
+                .context("reading the TCP socket table")?;
+            let helper = if parallel {
+                match self.helpers.entry(netns) {
+                    Entry::Occupied(h) => Some(h.into_mut()),
+                    Entry::Vacant(slot) => {
+                        let opened = match self.namespace_pids.get(&netns).copied().flatten() {
+                            Some(pid) => netns::diag_socket_in(pid),
+                            None => DiagSocketHandle::open(),
+                        };
+                        opened.ok().map(|h| slot.insert(h))
+                    }
+                }
+            } else {
+                None
+            };
+            let Some(helper) = helper else {
+                handle
+                    .dump_each(CONNECTION_STATES, Extensions::INFO, filter.as_ref(), |d| {
+                        sockets.push(view(d))
+                    })
+                    .context("reading the TCP socket table")?;
+                continue;
+            };
+            let half = |from, to| {
+                let range = PortFilter::RemotePorts { from, to };
+                Some(match &filter {
+                    Some(f) => PortFilter::Both(Box::new(f.clone()), Box::new(range)),
+                    None => range,
+                })
+            };
+            let (low, high) = (half(0, split), half(split as u16, 65536));
+            // The other half arrives as bare kernel records (smaller than snapshot records),
+            // moved into `sockets` afterwards: its capacity was reserved for both.
+            let mut upper = Vec::with_capacity(self.last_count / 2 + self.last_count / 32 + 64);
+            let (mine, theirs) = std::thread::scope(|scope| {
+                let theirs = scope.spawn(|| {
+                    helper.dump_each(CONNECTION_STATES, Extensions::INFO, high.as_ref(), |d| {
+                        upper.push(d)
+                    })
+                });
+                let mine =
+                    handle.dump_each(CONNECTION_STATES, Extensions::INFO, low.as_ref(), |d| {
+                        sockets.push(view(d))
+                    });
+                (mine, theirs.join().expect("dump thread"))
+            });
+            mine.and(theirs).context("reading the TCP socket table")?;
+            sockets.extend(upper.into_iter().map(view));
+        }
+        Ok(sockets)
     }
 
     pub fn collect(&mut self, probes: &mut Probes) -> anyhow::Result<Snapshot> {
-        let fds = procfs::scan_fds(self.pids.as_deref());
-        let mut dumped = Vec::new();
-        for (&netns, handle) in &mut self.namespaces {
-            let table = handle.dump_tcp(DUMP_STATES).context("reading the TCP socket table")?;
-            dumped.extend(table.into_iter().map(|diag| (netns, diag)));
-        }
+        let mut phases = Phases::start();
+        let mut sockets = self.dump()?;
         // tcp_info's "ms since" fields are relative to the dump; take the probes' clock right after.
         let taken_ns = system::monotonic_ns();
+        phases.mark("sock_diag dump");
+        let present: FastSet<u32> =
+            sockets.iter().map(|s| s.diag.inode).filter(|&i| i != 0).collect();
+        // Disjoint borrows: the scan result lives in the cache, the scope in the other fields.
+        let (ports, pids) = (&self.ports, &self.pids);
+        let port_in_scope = |local: u16, remote: u16| {
+            ports.is_empty() || ports.contains(&local) || ports.contains(&remote)
+        };
+        let fds = self.fd_cache.scan(pids.as_deref(), &present);
+        phases.mark("fd scan");
         let activity = probes.activity();
-        let sockets: Vec<SocketView> = dumped
-            .into_iter()
-            .filter(|(_, s)| self.port_in_scope(s.local.port(), s.remote.port()))
-            .filter_map(|(netns, diag)| {
-                let owner =
-                    (diag.inode != 0).then(|| fds.owners.get(&diag.inode).cloned()).flatten();
-                // With --pid, a socket is in scope only if a watched process holds it.
-                if self.pids.is_some() && owner.is_none() {
-                    return None;
-                }
-                let activity = activity.get(&diag.cookie).copied();
-                Some(SocketView { diag, netns, owner, activity })
-            })
-            .collect();
+        let map_entries = activity.len();
+        phases.mark("probe map");
 
+        let mut listen_ports = Vec::new();
+        sockets.retain_mut(|socket| {
+            let diag = &socket.diag;
+            if !port_in_scope(diag.local.port(), diag.remote.port()) {
+                return false;
+            }
+            socket.owner =
+                (diag.inode != 0).then(|| fds.owners.get(&diag.inode).cloned()).flatten();
+            // With --pid, a socket is in scope only if a watched process holds it.
+            if pids.is_some() && socket.owner.is_none() {
+                return false;
+            }
+            if diag.state == LISTEN {
+                listen_ports.push(diag.local.port());
+            }
+            socket.activity = activity.get(&diag.cookie).map(Activity::from);
+            true
+        });
+        self.last_count = sockets.len();
+        if sockets.len() >= PARALLEL_DUMP_FROM {
+            let mut remote: Vec<u16> = sockets
+                .iter()
+                .filter(|s| s.diag.state != LISTEN)
+                .map(|s| s.diag.remote.port())
+                .collect();
+            let middle = remote.len() / 2;
+            if let Some((_, &mut median, _)) =
+                (middle < remote.len()).then(|| remote.select_nth_unstable(middle))
+            {
+                self.split_port = median.max(1);
+            }
+        }
+        listen_ports.sort_unstable();
+        listen_ports.dedup();
         let accept_errors = probes.tracks_threads().then(|| probes.accept_errors());
         // Without --pid, the processes worth watching are those holding a watched socket.
-        let holders: Vec<u32> = match &self.pids {
+        let holders: Vec<u32> = match pids {
             Some(pids) => pids.clone(),
             None => {
                 let mut holders: Vec<u32> =
@@ -124,20 +256,58 @@ impl Collector {
             })
             .collect();
 
-        let by_cookie: HashMap<u64, &Owner> =
-            sockets.iter().filter_map(|s| Some((s.cookie(), s.owner.as_ref()?))).collect();
-        let resets = probes
-            .drain_resets()
+        let events = probes.drain_resets();
+        let by_cookie: FastMap<u64, &Owner> = if events.is_empty() {
+            FastMap::default()
+        } else {
+            sockets.iter().filter_map(|s| Some((s.cookie(), s.owner.as_ref()?))).collect()
+        };
+        let resets = events
             .into_iter()
             .map(|event| reset_view(&event, by_cookie.get(&event.cookie).copied()))
             .filter(|r| {
-                self.pid_in_scope(r.pid) && self.port_in_scope(r.local.port(), r.remote.port())
+                pids.as_ref().is_none_or(|p| p.contains(&r.pid))
+                    && port_in_scope(r.local.port(), r.remote.port())
             })
             .collect();
         let thread_calls =
             if probes.tracks_threads() { probes.thread_calls() } else { HashMap::new() };
-        Ok(Snapshot::new(taken_ns, sockets, processes, resets, thread_calls)
-            .with_sock_calls(probes.sock_calls()))
+        let mut snapshot = Snapshot::new(taken_ns, sockets, processes, resets, thread_calls)
+            .with_sock_calls(probes.sock_calls());
+        snapshot.map_entries = map_entries;
+        self.listen_ports = listen_ports;
+        phases.mark("join");
+        phases.log();
+        Ok(snapshot)
+    }
+}
+
+/// Durations of a poll's phases, logged at debug level (RUST_LOG=observer=debug).
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases { last: Instant::now(), done: Vec::new() }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self) {
+        if log::log_enabled!(log::Level::Debug) {
+            let parts: Vec<String> = self
+                .done
+                .iter()
+                .map(|(p, d)| format!("{p} {:.1}ms", d.as_secs_f64() * 1e3))
+                .collect();
+            log::debug!("collect: {}", parts.join(", "));
+        }
     }
 }
 
@@ -157,7 +327,7 @@ fn reset_view(event: &ResetEvent, owner: Option<&Owner>) -> ResetView {
         tid: event.tid,
         thread_name: threads::comm_str(&event.comm),
         // Alerts name the process; the thread's own name goes in `threads`.
-        comm: owner.map(|o| o.comm.clone()).unwrap_or_else(|| {
+        comm: owner.map(|o| o.comm.to_string()).unwrap_or_else(|| {
             procfs::comm(event.tgid).unwrap_or_else(|| threads::comm_str(&event.comm))
         }),
         fd: owner.map(|o| o.fd),

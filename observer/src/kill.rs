@@ -21,8 +21,8 @@ pub fn run(args: &KillArgs) -> anyhow::Result<ExitCode> {
         comm: None,
         fd: None,
         cookie: args.cookie,
-        local: args.local.map(|a| a.to_string()),
-        remote: args.remote.map(|a| a.to_string()),
+        local: args.local,
+        remote: args.remote,
         state: None,
     };
     let (identity, result) = match resolve(args) {
@@ -37,7 +37,9 @@ pub fn run(args: &KillArgs) -> anyhow::Result<ExitCode> {
     let ok = result.outcome == Outcome::Ok;
     let event =
         ActionEvent::new(SystemTime::now(), args.mode, args.dry_run, result, identity, None);
-    Output::new(std::io::stdout().lock()).emit(&Event::Action(event))?;
+    let mut out = Output::new(std::io::stdout().lock());
+    out.emit(&Event::Action(event))?;
+    out.flush()?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -80,8 +82,8 @@ fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
     let owners = procfs::scan_fds(Some(&[args.pid])).owners;
     let wanted = |s: &crate::kernel::sock_diag::DiagSocket| {
         args.cookie.is_none_or(|c| c == s.cookie)
-            && args.local.is_none_or(|a| a == s.local)
-            && args.remote.is_none_or(|a| a == s.remote)
+            && args.local.is_none_or(|a| a == s.local.addr())
+            && args.remote.is_none_or(|a| a == s.remote.addr())
     };
     let Some(socket) = table.into_iter().find(|s| wanted(s) && owners.contains_key(&s.inode))
     else {
@@ -95,11 +97,11 @@ fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
     let owner = &owners[&socket.inode];
     let identity = Identity {
         pid: Some(args.pid),
-        comm: Some(process.comm.clone()),
+        comm: Some(std::sync::Arc::from(process.comm.as_str())),
         fd: Some(owner.fd),
         cookie: Some(socket.cookie),
-        local: Some(socket.local.to_string()),
-        remote: Some(socket.remote.to_string()),
+        local: Some(socket.local.addr()),
+        remote: Some(socket.remote.addr()),
         state: Some(state_name(socket.state)),
     };
     if socket.state == LISTEN {
@@ -110,8 +112,8 @@ fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
         pid: args.pid,
         fd: owner.fd,
         cookie: socket.cookie,
-        local: socket.local,
-        remote: socket.remote,
+        local: socket.local.addr(),
+        remote: socket.remote.addr(),
         interface: socket.interface,
     };
     Ok((target, identity, diag))

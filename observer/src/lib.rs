@@ -7,6 +7,7 @@ pub mod check;
 pub mod cli;
 pub mod collect;
 pub mod detect;
+pub mod fastmap;
 pub mod kernel;
 pub mod kill;
 pub mod output;

@@ -52,23 +52,24 @@ impl AlertEvent {
         at: SystemTime,
         now_ns: u64,
         finding: &Finding,
+        identity: Identity,
         socket: Option<&SocketView>,
         threads: Vec<ThreadInfo>,
     ) -> Self {
         AlertEvent {
             ts: timestamp(at),
-            reason: finding.reason,
-            identity: finding.identity.clone(),
+            reason: finding.reason(),
+            identity,
             idle_ms: socket.and_then(|s| s.idle_ms(now_ns)),
             last_send_ms: socket.and_then(|s| s.last_send_ms(now_ns)),
             last_recv_ms: socket.and_then(|s| s.last_recv_ms(now_ns)),
             bytes_sent: socket.map(SocketView::bytes_sent),
             bytes_received: socket.map(SocketView::bytes_received),
             retransmits: socket.map(SocketView::retransmits),
-            metrics: finding.metrics.clone(),
+            metrics: finding.facts.metrics(),
             threads,
-            policy_rule: finding.rule.clone(),
-            detail: finding.detail.clone(),
+            policy_rule: finding.rule.as_deref().map(str::to_owned),
+            detail: finding.facts.detail(),
         }
     }
 }
@@ -151,8 +152,23 @@ pub struct StatsEvent {
     pub alerts_active: usize,
     pub last_poll_ms: f64,
     pub max_poll_ms: f64,
+    /// Entries in the probes' socket map, and its capacity (`--max-sockets`).
+    pub map_entries: usize,
+    pub map_capacity: u32,
     /// Per-probe event counts and failures, summed over CPUs since start.
     pub probe_counters: BTreeMap<&'static str, u64>,
+    /// With --probe-stats: each program's runs and average kernel time per run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_cost: Option<BTreeMap<&'static str, ProbeCost>>,
+    /// The agent's resident memory now, and its peak since start.
+    pub rss_kib: Option<u64>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProbeCost {
+    pub runs: u64,
+    pub ns_per_run: f64,
 }
 
 /// A connection ended (or, in a dry run, checked and left alone), by hand or by policy.
@@ -202,7 +218,8 @@ pub enum Event {
     Stopped { ts: String, reason: &'static str },
 }
 
-/// Writes events as JSON lines, flushing each so a pipe reader sees it at once.
+/// Writes events as JSON lines. The watch loop flushes after each poll, so a pipe reader sees a
+/// poll's events together and at once, without a write per line in an alert storm.
 pub struct Output<W: Write> {
     out: W,
 }
@@ -214,7 +231,10 @@ impl<W: Write> Output<W> {
 
     pub fn emit(&mut self, event: &Event) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, event)?;
-        self.out.write_all(b"\n")?;
+        self.out.write_all(b"\n")
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
@@ -235,10 +255,7 @@ mod tests {
     fn finding(socket: &SocketView) -> Finding {
         Finding {
             target: crate::detect::Target::Socket(socket.cookie()),
-            reason: Reason::Idle,
-            identity: Identity::of_socket(socket),
-            detail: "quiet".into(),
-            metrics: Map::new(),
+            facts: crate::detect::Facts::Idle { idle_ms: 61_000, timeout_ms: 60_000, unread: 0 },
             rule: None,
         }
     }
@@ -257,6 +274,7 @@ mod tests {
             SystemTime::UNIX_EPOCH,
             NOW_NS,
             &finding(&socket),
+            Identity::of_socket(&socket),
             Some(&socket),
             threads,
         )));
@@ -282,14 +300,16 @@ mod tests {
         assert_eq!(v["threads"][0]["blocked_ms"], 61_000);
         assert!(v["threads"][0].get("last_io_ms").is_none());
         assert!(v.get("policy_rule").is_none());
-        assert_eq!(v["detail"], "quiet");
+        assert_eq!(v["unread_bytes"], 0);
+        assert!(v["detail"].as_str().unwrap().contains("61.0s"));
     }
 
     #[test]
     fn ipv6_addresses_are_bracketed() {
         let mut socket = socket(1, 1, 0, 0);
         socket.diag.local = "[::1]:8080".parse().unwrap();
-        assert_eq!(Identity::of_socket(&socket).local.as_deref(), Some("[::1]:8080"));
+        let v = serde_json::to_value(Identity::of_socket(&socket)).unwrap();
+        assert_eq!(v["local"], "[::1]:8080");
     }
 
     #[test]
@@ -343,16 +363,21 @@ mod tests {
         };
         let finding = Finding {
             target: crate::detect::Target::Process(5),
-            reason: Reason::FdPressure,
-            identity: Identity::of_process(&process),
-            detail: "fds".into(),
-            metrics: Map::new(),
+            facts: crate::detect::Facts::FdPressure {
+                failing: false,
+                used: 10,
+                limit: Some(11),
+                accept_errors: None,
+                threshold: 0.9,
+            },
             rule: Some("r".into()),
         };
+        let identity = Identity::of_process(&process);
         let v = emit(&Event::Alert(AlertEvent::new(
             SystemTime::UNIX_EPOCH,
             NOW_NS,
             &finding,
+            identity,
             None,
             vec![],
         )));

@@ -111,7 +111,8 @@ pub struct Subject<'a> {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
-    pub name: String,
+    /// Shared with the alerts it sets thresholds for.
+    pub name: std::sync::Arc<str>,
     pub local_ports: Vec<u16>,
     pub remote_cidrs: Vec<Cidr>,
     pub pids: Vec<u32>,
@@ -139,7 +140,7 @@ pub struct Applied<'p> {
     pub thresholds: Thresholds,
     pub ignored: ReasonSet,
     /// The rule that matched, if any.
-    pub rule: Option<&'p str>,
+    pub rule: Option<&'p std::sync::Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -170,6 +171,12 @@ pub enum PolicyError {
     Invalid { path: PathBuf, line: usize, column: usize, message: String },
 }
 
+impl Applied<'_> {
+    pub fn rule_name(&self) -> Option<&str> {
+        self.rule.map(|r| &**r)
+    }
+}
+
 impl Policy {
     pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
         let text = std::fs::read_to_string(path)
@@ -191,7 +198,7 @@ impl Policy {
             .into_iter()
             .enumerate()
             .map(|(i, r)| Rule {
-                name: r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1)),
+                name: r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1)).into(),
                 local_ports: r.local_port.clone(),
                 remote_cidrs: r.remote_cidr.clone(),
                 pids: r.pid.clone(),
@@ -227,7 +234,7 @@ impl Policy {
             ignored = ignored.union(rule.ignore);
         }
         self.command_line.apply_to(&mut thresholds);
-        Applied { thresholds, ignored, rule: rule.map(|r| r.name.as_str()) }
+        Applied { thresholds, ignored, rule: rule.map(|r| &r.name) }
     }
 
     /// The thresholds with no rule applied (what `started` reports).
@@ -474,21 +481,21 @@ slow_min_rate = 8
         assert_eq!(plain.thresholds.idle_timeout, Duration::from_secs(120));
         assert_eq!(plain.thresholds.close_wait_timeout, Duration::from_secs(60));
         assert!(plain.ignored.contains(Reason::KeepaliveMissing));
-        assert_eq!(plain.rule, None);
+        assert_eq!(plain.rule_name(), None);
 
         let poll = policy.apply(&subject(8081, "192.0.2.1", "srv"));
         assert_eq!(poll.thresholds.idle_timeout, Duration::from_secs(900));
-        assert_eq!(poll.rule, Some("long-poll"));
+        assert_eq!(poll.rule_name(), Some("long-poll"));
 
         let office = policy.apply(&subject(9000, "10.1.2.3", "uploader"));
         assert!(office.ignored.contains(Reason::SlowTransfer));
         assert!(office.ignored.contains(Reason::KeepaliveMissing), "defaults' ignore still holds");
         assert_eq!(office.thresholds.slow_min_rate, 8.0);
         // Every key of a rule must fit: right network, wrong program.
-        assert_eq!(policy.apply(&subject(9000, "10.1.2.3", "other")).rule, None);
+        assert!(policy.apply(&subject(9000, "10.1.2.3", "other")).rule_name().is_none());
         // IPv4 clients of an IPv6 socket match IPv4 blocks.
         assert_eq!(
-            policy.apply(&subject(9000, "::ffff:10.9.9.9", "uploader")).rule,
+            policy.apply(&subject(9000, "::ffff:10.9.9.9", "uploader")).rule_name(),
             Some("office uploads")
         );
     }
@@ -503,12 +510,12 @@ slow_min_rate = 8
         });
         let web = policy.apply(&subject(80, "192.0.2.1", "x"));
         assert_eq!(
-            (web.thresholds.idle_timeout, web.rule),
+            (web.thresholds.idle_timeout, web.rule_name()),
             (Duration::from_secs(60), Some("rule 1"))
         );
         let other = policy.apply(&subject(81, "192.0.2.1", "x"));
         assert_eq!(
-            (other.thresholds.idle_timeout, other.rule),
+            (other.thresholds.idle_timeout, other.rule_name()),
             (Duration::from_secs(540), Some("rule 2"))
         );
         assert_eq!(other.thresholds.blocked_timeout, Duration::from_secs(5));

@@ -227,7 +227,10 @@ pub struct Probes {
     backend: Backend,
     tracks_threads: bool,
     notes: Vec<String>,
-    sockets: HashMap<MapData, u64, SockActivity>,
+    /// Socket cookie -> activity; read in batches (see `activity`).
+    sockets: MapData,
+    socket_capacity: u32,
+    program_names: Vec<&'static str>,
     counters: PerCpuArray<MapData, u64>,
     thread_calls: HashMap<MapData, u32, ThreadCall>,
     sock_calls: HashMap<MapData, u32, SockCall>,
@@ -253,8 +256,10 @@ impl Probes {
         btf: &Btf,
     ) -> Result<(Probes, Vec<Skipped>), ProbeError> {
         let mut skipped = Vec::new();
+        // Parsed once for every attempt: megabytes of type information.
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
         for &backend in choice.candidates() {
-            match Probes::load(backend, options, btf) {
+            match Probes::load_with(backend, options, btf, &aya_btf) {
                 Ok(probes) => return Ok((probes, skipped)),
                 // Privileges or a missing object do not depend on the backend: stop here.
                 Err(e @ (ProbeError::NotPermitted | ProbeError::NoObject | ProbeError::Btf(_))) => {
@@ -267,6 +272,16 @@ impl Probes {
     }
 
     pub fn load(backend: Backend, options: &LoadOptions, btf: &Btf) -> Result<Self, ProbeError> {
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
+        Probes::load_with(backend, options, btf, &aya_btf)
+    }
+
+    fn load_with(
+        backend: Backend,
+        options: &LoadOptions,
+        btf: &Btf,
+        aya_btf: &aya::Btf,
+    ) -> Result<Self, ProbeError> {
         if OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }
@@ -281,10 +296,9 @@ impl Probes {
         }
         let offsets = kernel_offsets(btf)?;
         let filter_pids = u32::from(tracks_threads);
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
 
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
+            .btf(Some(aya_btf))
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PIDS", &filter_pids, true)
             .map_max_entries("SOCKETS", options.max_sockets)
@@ -312,13 +326,23 @@ impl Probes {
             syscalls.set(call.nr as u32, call.kind, 0).map_err(|e| ProbeError::Object(e.into()))?;
         }
         for &(program, hook) in &programs {
-            attach(&mut ebpf, backend, program, hook, &aya_btf)?;
+            attach(&mut ebpf, backend, program, hook, aya_btf)?;
         }
+        let sockets = match ebpf.take_map("SOCKETS") {
+            Some(aya::maps::Map::HashMap(data)) => data,
+            _ => {
+                return Err(ProbeError::Object(aya::EbpfError::MapError(
+                    aya::maps::MapError::InvalidName { name: "SOCKETS".into() },
+                )));
+            }
+        };
         Ok(Probes {
             backend,
             tracks_threads,
             notes,
-            sockets: take_map(&mut ebpf, "SOCKETS")?,
+            sockets,
+            socket_capacity: options.max_sockets,
+            program_names: programs.iter().map(|(name, _)| *name).collect(),
             counters: take_map(&mut ebpf, "COUNTERS")?,
             thread_calls: take_map(&mut ebpf, "THREAD_CALLS")?,
             sock_calls: take_map(&mut ebpf, "SOCK_CALLS")?,
@@ -343,10 +367,32 @@ impl Probes {
     }
 
     /// Every tracked socket's activity, by cookie.
-    pub fn activity(&self) -> StdHashMap<u64, SockActivity> {
-        // Entries can vanish between listing a key and reading it (the socket was destroyed);
-        // those are skipped, not errors.
-        self.sockets.iter().filter_map(Result::ok).collect()
+    pub fn activity(&self) -> crate::fastmap::FastMap<u64, SockActivity> {
+        use std::os::fd::AsFd;
+        match crate::kernel::bpf_batch::read_all::<u64, SockActivity>(self.sockets.fd().as_fd()) {
+            Ok(entries) => entries.into_iter().collect(),
+            Err(e) => {
+                log::warn!("reading the socket activity map failed: {e}");
+                Default::default()
+            }
+        }
+    }
+
+    /// The socket activity map's capacity (`--max-sockets`).
+    pub fn socket_capacity(&self) -> u32 {
+        self.socket_capacity
+    }
+
+    /// Kernel time spent in each attached program: (name, runs, total ns). Only counted while
+    /// BPF statistics are enabled (`--probe-stats`).
+    pub fn program_costs(&self) -> Vec<(&'static str, u64, u64)> {
+        self.program_names
+            .iter()
+            .filter_map(|&name| {
+                let info = self._ebpf.program(name)?.info().ok()?;
+                Some((name, info.run_count(), info.run_time().as_nanos() as u64))
+            })
+            .collect()
     }
 
     /// Each tracked thread's current or last socket syscall, by thread id.

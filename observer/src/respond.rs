@@ -82,8 +82,8 @@ impl Responder {
                 pid: owner.pid,
                 fd: owner.fd,
                 cookie,
-                local: socket.diag.local,
-                remote: socket.diag.remote,
+                local: socket.diag.local.addr(),
+                remote: socket.diag.remote.addr(),
                 interface: socket.diag.interface,
             };
             let result = match collector.diag_for(socket.netns) {

@@ -1,12 +1,37 @@
 //! One poll's joined view of the watched sockets: the kernel's table (sock_diag), what the probes
 //! recorded, and which process and fd own each socket. Everything downstream (detection, alerts,
 //! output) is a pure function of snapshots.
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use observer_common::{SockActivity, SockCall, ThreadCall};
+
+/// What the probes recorded about a socket that detection and attribution use: a compact copy
+/// of the map entry (one per watched socket per poll).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub last_send_ns: u64,
+    pub last_recv_ns: u64,
+    pub state_since_ns: u64,
+    pub state: u32,
+    pub last_tgid: u32,
+    pub last_tid: u32,
+}
+
+impl From<&SockActivity> for Activity {
+    fn from(a: &SockActivity) -> Self {
+        Activity {
+            last_send_ns: a.last_send_ns,
+            last_recv_ns: a.last_recv_ns,
+            state_since_ns: a.state_since_ns,
+            state: a.state,
+            last_tgid: a.last_tgid,
+            last_tid: a.last_tid,
+        }
+    }
+}
 use serde::Serialize;
 
-use crate::{kernel::sock_diag::DiagSocket, policy::Subject, procfs::Owner};
+use crate::{fastmap::FastMap, kernel::sock_diag::DiagSocket, policy::Subject, procfs::Owner};
 
 #[derive(Clone, Debug)]
 pub struct SocketView {
@@ -14,14 +39,14 @@ pub struct SocketView {
     /// The network namespace the socket lives in (where it must be acted on).
     pub netns: u64,
     pub owner: Option<Owner>,
-    pub activity: Option<SockActivity>,
+    pub activity: Option<Activity>,
 }
 
 /// A watched process as a whole (for fd exhaustion).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcessView {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Arc<str>,
     pub fds_used: u32,
     /// Soft RLIMIT_NOFILE; `None` when unlimited or unreadable.
     pub fd_limit: Option<u64>,
@@ -60,7 +85,9 @@ pub struct Snapshot {
     pub thread_calls: HashMap<u32, ThreadCall>,
     /// Threads inside a TCP send or receive now (fentry and kprobe backends).
     pub sock_calls: HashMap<u32, SockCall>,
-    by_cookie: HashMap<u64, usize>,
+    /// Entries in the probes' socket map (for the agent's own health report).
+    pub map_entries: usize,
+    by_cookie: FastMap<u64, usize>,
 }
 
 impl Snapshot {
@@ -73,7 +100,16 @@ impl Snapshot {
     ) -> Snapshot {
         let by_cookie = sockets.iter().enumerate().map(|(i, s)| (s.diag.cookie, i)).collect();
         let sock_calls = HashMap::new();
-        Snapshot { taken_ns, sockets, processes, resets, thread_calls, sock_calls, by_cookie }
+        Snapshot {
+            taken_ns,
+            sockets,
+            processes,
+            resets,
+            thread_calls,
+            sock_calls,
+            map_entries: 0,
+            by_cookie,
+        }
     }
 
     pub fn with_sock_calls(mut self, sock_calls: HashMap<u32, SockCall>) -> Snapshot {
@@ -91,27 +127,42 @@ impl Snapshot {
 }
 
 /// Who and what an alert is about: the fields every alert, clear and action event carries.
-/// Process-level alerts (fd exhaustion) have no socket fields.
+/// Process-level alerts (fd exhaustion) have no socket fields. Compact (no owned strings): the
+/// alert book keeps one per standing alert.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Identity {
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Arc<str>>,
     pub fd: Option<i32>,
     pub cookie: Option<u64>,
-    pub local: Option<String>,
-    pub remote: Option<String>,
+    /// Serialized as `ip:port`, IPv6 as `[::1]:8080`.
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
     pub state: Option<&'static str>,
 }
 
 impl Identity {
+    /// Nothing known yet.
+    pub fn of_none() -> Self {
+        Identity {
+            pid: None,
+            comm: None,
+            fd: None,
+            cookie: None,
+            local: None,
+            remote: None,
+            state: None,
+        }
+    }
+
     pub fn of_socket(socket: &SocketView) -> Self {
         Identity {
             pid: socket.owner.as_ref().map(|o| o.pid),
             comm: socket.owner.as_ref().map(|o| o.comm.clone()),
             fd: socket.owner.as_ref().map(|o| o.fd),
             cookie: Some(socket.cookie()),
-            local: Some(socket.local().to_string()),
-            remote: Some(socket.remote().to_string()),
+            local: Some(socket.local()),
+            remote: Some(socket.remote()),
             state: Some(state_name(socket.diag.state)),
         }
     }
@@ -131,11 +182,11 @@ impl Identity {
     pub fn of_reset(reset: &ResetView) -> Self {
         Identity {
             pid: Some(reset.pid),
-            comm: Some(reset.comm.clone()),
+            comm: Some(Arc::from(reset.comm.as_str())),
             fd: reset.fd,
             cookie: Some(reset.cookie),
-            local: Some(reset.local.to_string()),
-            remote: Some(reset.remote.to_string()),
+            local: Some(reset.local),
+            remote: Some(reset.remote),
             state: Some(state_name(reset.state)),
         }
     }
@@ -169,11 +220,11 @@ impl SocketView {
     }
 
     pub fn local(&self) -> SocketAddr {
-        self.diag.local
+        self.diag.local.addr()
     }
 
     pub fn remote(&self) -> SocketAddr {
-        self.diag.remote
+        self.diag.remote.addr()
     }
 
     /// Milliseconds since data last went out: the more recent of what the probes saw the
@@ -216,7 +267,7 @@ impl SocketView {
             local_port: Some(self.local().port()),
             remote_ip: Some(self.remote().ip()),
             pid: self.owner.as_ref().map(|o| o.pid),
-            comm: self.owner.as_ref().map(|o| o.comm.as_str()),
+            comm: self.owner.as_ref().map(|o| &*o.comm),
         }
     }
 }
@@ -254,9 +305,7 @@ pub mod fixtures {
                 cookie,
                 rqueue: 0,
                 wqueue: 0,
-                uid: 0,
                 inode: 1000 + cookie as u32,
-                shutdown: None,
                 drops: None,
                 tcp: Some(TcpInfo {
                     state,
@@ -289,10 +338,10 @@ mod tests {
     #[test]
     fn the_more_recent_of_probe_and_kernel_time_wins() {
         let mut s = socket(1, 1, 5000, 7000);
-        s.activity = Some(SockActivity {
+        s.activity = Some(Activity {
             last_send_ns: NOW_NS - 9_000_000_000,
             last_recv_ns: NOW_NS - 200_000_000,
-            ..SockActivity::default()
+            ..Activity::default()
         });
         assert_eq!(s.last_send_ms(NOW_NS), Some(5000), "kernel sent more recently than the app");
         assert_eq!(s.last_recv_ms(NOW_NS), Some(200), "the app read more recently");

@@ -89,6 +89,20 @@ pub fn mount_tracefs() -> nix::Result<()> {
     )
 }
 
+/// Returns freed heap memory to the operating system (glibc keeps it mapped otherwise).
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Resets this process's peak resident set size (VmHWM), as `echo 5 > /proc/PID/clear_refs`.
+pub fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it. Raising it is
 /// best effort (it needs CAP_SYS_RESOURCE).
 pub fn raise_memlock_limit() {

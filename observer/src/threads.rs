@@ -4,10 +4,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use observer_common::{CALL_SEND, SockActivity, SockCall, ThreadCall};
+use observer_common::{CALL_SEND, SockCall, ThreadCall};
 
 use crate::{
     procfs::{Owner, ThreadState},
+    snapshot::Activity,
     syscalls,
 };
 
@@ -33,7 +34,7 @@ pub struct Probed<'a> {
     /// Per-thread TCP sends and receives in progress (fentry/kprobe backends): which socket.
     pub sock_calls: &'a HashMap<u32, SockCall>,
     /// The socket's own record: who last moved data on it.
-    pub activity: Option<&'a SockActivity>,
+    pub activity: Option<&'a Activity>,
 }
 
 pub fn attribute(
@@ -78,11 +79,11 @@ pub fn attribute(
     let Some(last) = probed.activity.filter(|a| a.last_tid != 0 && a.last_tgid == owner.pid) else {
         return vec![];
     };
+    // A thread that has exited since is still worth naming by its id.
     let name = threads
         .iter()
         .find(|t| t.tid == last.last_tid)
-        .map(|t| t.name.clone())
-        .unwrap_or_else(|| comm_str(&last.last_comm));
+        .map_or_else(|| "(exited)".to_owned(), |t| t.name.clone());
     let last_io_ns = last.last_send_ns.max(last.last_recv_ns);
     vec![ThreadInfo {
         tid: last.last_tid,
@@ -107,7 +108,7 @@ mod tests {
     fn probed<'a>(
         syscalls: &'a HashMap<u32, ThreadCall>,
         sock_calls: &'a HashMap<u32, SockCall>,
-        activity: Option<&'a SockActivity>,
+        activity: Option<&'a Activity>,
     ) -> Probed<'a> {
         Probed { syscalls, sock_calls, activity }
     }
@@ -166,13 +167,10 @@ mod tests {
 
     #[test]
     fn without_a_blocked_thread_the_last_thread_to_do_io_is_named() {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"gone");
-        let activity = SockActivity {
+        let activity = Activity {
             last_tgid: 100,
             last_tid: 105,
             last_recv_ns: 4_000_000_000,
-            last_comm: comm,
             ..Default::default()
         };
         let (none, no_calls) = (HashMap::new(), HashMap::new());
@@ -181,13 +179,13 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(
             (got[0].tid, got[0].name.as_str(), got[0].last_io_ms),
-            (105, "gone", Some(1000))
+            (105, "(exited)", Some(1000))
         );
     }
 
     #[test]
     fn io_by_another_process_is_not_attributed_to_the_owner() {
-        let activity = SockActivity { last_tgid: 999, last_tid: 999, ..Default::default() };
+        let activity = Activity { last_tgid: 999, last_tid: 999, ..Default::default() };
         assert!(
             attribute(
                 &owner(),

@@ -17,7 +17,9 @@ use crate::{
     cli::WatchArgs,
     collect::Collector,
     detect::{Detector, Finding, KernelFacts, Target},
-    output::{AlertEvent, ClearedEvent, Event, Output, StartedEvent, StatsEvent, timestamp},
+    output::{
+        AlertEvent, ClearedEvent, Event, Output, ProbeCost, StartedEvent, StatsEvent, timestamp,
+    },
     policy::Policy,
     probes::{LoadOptions, Probes},
     procfs::{self, ProcessIdentity},
@@ -52,6 +54,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
     let options = LoadOptions { pids: pids.clone(), max_sockets: args.max_sockets };
     let (probes, skipped) = Probes::load_best(args.probes, &options, &btf)?;
+    // Only loading needs the kernel's type information: several megabytes, freed now.
+    drop(btf);
+    system::release_free_memory();
     for skip in &skipped {
         log::info!("not using the {} backend: {}", skip.backend.name(), skip.error);
     }
@@ -59,6 +64,12 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         log::warn!("{} backend: {note}", probes.backend().name());
     }
     let mut collector = Collector::new(&pids, &args.ports)?;
+    // Kernel BPF run-time statistics stay on while this fd is open.
+    let _stats_enabled = if args.probe_stats {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?)
+    } else {
+        None
+    };
     let facts = KernelFacts { tcp_retries2: system::tcp_retries2() };
     let responder = args.action.map(|mode| {
         Responder::new(
@@ -73,9 +84,9 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         responder,
         detector: Detector::new(policy, facts),
         book: AlertBook::default(),
-        out: Output::new(std::io::stdout().lock()),
+        out: Output::new(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock())),
         probes,
-        stats: Stats::default(),
+        stats: Stats { probe_stats: args.probe_stats, ..Stats::default() },
     };
 
     watch.emit(Event::Started(StartedEvent {
@@ -91,6 +102,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         config: args.config.as_ref().map(|p| p.display().to_string()),
         thresholds: watch.detector.policy().base().into(),
     }))?;
+    watch.flush()?;
     log::info!(
         "watching {} with the {} backend",
         if pids.is_empty() { "every TCP socket".to_owned() } else { format!("pids {pids:?}") },
@@ -137,8 +149,20 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             last_stats = Instant::now();
             watch.emit_stats()?;
         }
+        // Everything this tick printed reaches the reader now.
+        watch.flush()?;
+        // A poll of a big table allocates tens of MB for a moment (and the first one reads every
+        // fd link): give it back rather than carry the peak between polls.
+        if watch.stats.polls == 1 || watch.stats.sockets >= 20_000 {
+            system::release_free_memory();
+        }
+        if watch.stats.polls == 1 {
+            // From here on, the reported peak is that of steady operation, not of start-up.
+            system::reset_peak_memory();
+        }
     };
     watch.emit(Event::Stopped { ts: timestamp(SystemTime::now()), reason: stop_reason })?;
+    watch.flush()?;
     // Dropping `watch` detaches and unloads every program.
     Ok(())
 }
@@ -157,6 +181,8 @@ struct Stats {
     polls: u64,
     sockets: usize,
     tracked: usize,
+    map_entries: usize,
+    probe_stats: bool,
     last_poll: Duration,
     max_poll: Duration,
 }
@@ -164,6 +190,10 @@ struct Stats {
 impl<W: Write> Watch<W> {
     fn emit(&mut self, event: Event) -> anyhow::Result<()> {
         self.out.emit(&event).context("stdout was closed; stopping")
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.out.flush().context("stdout was closed; stopping")
     }
 
     fn emit_cleared(&mut self, cleared: Vec<Cleared>) -> anyhow::Result<()> {
@@ -176,30 +206,29 @@ impl<W: Write> Watch<W> {
     fn poll(&mut self, collector: &mut Collector) -> anyhow::Result<()> {
         let started = Instant::now();
         let snapshot = collector.collect(&mut self.probes)?;
+        let detecting = Instant::now();
         let findings = self.detector.observe(&snapshot);
         let (raised, cleared) = self.book.update(&snapshot, &findings);
         let elapsed = started.elapsed();
+        log::debug!("detect: {:.1}ms", detecting.elapsed().as_secs_f64() * 1e3);
         self.stats.polls += 1;
         self.stats.sockets = snapshot.sockets.len();
         self.stats.tracked = snapshot.sockets.iter().filter(|s| s.activity.is_some()).count();
+        self.stats.map_entries = snapshot.map_entries;
         self.stats.last_poll = elapsed;
         self.stats.max_poll = self.stats.max_poll.max(elapsed);
 
         self.emit_cleared(cleared)?;
         let now = SystemTime::now();
         let mut thread_cache = HashMap::new();
-        let alerts: Vec<AlertEvent> = raised
-            .into_iter()
-            .map(|finding| {
-                let socket = match finding.target {
-                    Target::Socket(cookie) => snapshot.find(cookie),
-                    Target::Process(_) => None,
-                };
-                let threads = thread_attribution(&snapshot, finding, &mut thread_cache);
-                AlertEvent::new(now, snapshot.taken_ns, finding, socket, threads)
-            })
-            .collect();
-        for alert in alerts {
+        // One at a time: a storm of 100k alerts must not be built in memory before printing.
+        for (finding, identity) in raised {
+            let socket = match finding.target {
+                Target::Socket(cookie) => snapshot.find(cookie),
+                Target::Process(_) => None,
+            };
+            let threads = thread_attribution(&snapshot, finding, &mut thread_cache);
+            let alert = AlertEvent::new(now, snapshot.taken_ns, finding, identity, socket, threads);
             self.emit(Event::Alert(alert))?;
         }
         if let Some(responder) = &mut self.responder {
@@ -221,7 +250,25 @@ impl<W: Write> Watch<W> {
             alerts_active: self.book.active_count(),
             last_poll_ms: ms(self.stats.last_poll),
             max_poll_ms: ms(self.stats.max_poll),
+            map_entries: self.stats.map_entries,
+            map_capacity: self.probes.socket_capacity(),
             probe_counters,
+            probe_cost: self.stats.probe_stats.then(|| {
+                self.probes
+                    .program_costs()
+                    .into_iter()
+                    .map(|(name, runs, ns)| {
+                        let ns_per_run = if runs == 0 {
+                            0.0
+                        } else {
+                            (ns as f64 / runs as f64 * 10.0).round() / 10.0
+                        };
+                        (name, ProbeCost { runs, ns_per_run })
+                    })
+                    .collect()
+            }),
+            rss_kib: procfs::own_memory_kib("VmRSS"),
+            peak_rss_kib: procfs::own_memory_kib("VmHWM"),
         };
         self.emit(Event::Stats(event))
     }

@@ -1,107 +1,168 @@
 //! What detection remembers between polls about each socket and process: when a state was
 //! entered, when sending last made progress, how many bytes moved over the recent window.
-use std::collections::VecDeque;
-
+//! Kept small and inline: at 100k sockets this is most of the agent's memory.
 use crate::snapshot::{ProcessView, SocketView};
 
 const MS: u64 = 1_000_000;
 const CLOSE_WAIT: u8 = 8;
 
-/// Byte counters at one moment, for rates over a window.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Checkpoint {
-    pub at_ns: u64,
-    pub received: u64,
-    pub acked: u64,
+/// Byte counters at one moment, for rates over a window. Times are milliseconds and counters
+/// their low 32 bits, compared with wrapping arithmetic: a window spans seconds to minutes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Checkpoint {
+    at_ms: u32,
+    received: u32,
+    acked: u32,
 }
 
+/// Room for a window's checkpoints: one every third of a window, so the oldest is always between
+/// one and one and a third windows old.
+const CHECKPOINTS: usize = 5;
+
+/// Bytes moved over the recent window, as the slow-transfer rule needs them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Window {
+    pub span_ms: u64,
+    pub received: u64,
+    pub acked: u64,
+    /// Whether data moved that way in the first half of the window (a trickle, not a burst).
+    pub received_early: bool,
+    pub acked_early: bool,
+}
+
+/// Per-socket memory of past polls, about 100 bytes: times are milliseconds on a wrapping u32
+/// clock and the acknowledged-bytes counter its low 32 bits (both compared with wrapping
+/// arithmetic over spans of seconds to minutes).
 #[derive(Clone, Debug)]
 pub struct SocketHistory {
     pub state: u8,
+    checkpoint_count: u8,
+    has_dropped: bool,
     /// When the socket entered `state` (exact from the probes, else a lower bound).
-    pub state_since_ns: u64,
-    bytes_acked: u64,
+    state_since_ms: u32,
     /// When the peer last acknowledged new data, or the send queue was last empty.
-    pub last_progress_ns: u64,
-    /// Oldest first; the oldest is kept at least one rate window old once there is one.
-    pub checkpoints: VecDeque<Checkpoint>,
+    last_progress_ms: u32,
+    bytes_acked: u32,
     /// Listener drops, and when they last grew.
     drops: u32,
-    pub last_drop_ns: Option<u64>,
-    pub generation: u64,
+    last_drop_ms: u32,
+    pub generation: u32,
+    /// Oldest first; the oldest is kept at least one rate window old once there is one.
+    checkpoints: [Checkpoint; CHECKPOINTS],
 }
 
-fn ago(now_ns: u64, ms: u32) -> u64 {
-    now_ns.saturating_sub(u64::from(ms) * MS)
+/// `ms` milliseconds before `now_ns`, on the wrapping millisecond clock.
+fn ms_ago(now_ns: u64, ms: u32) -> u32 {
+    ms_clock(now_ns).wrapping_sub(ms)
 }
 
 impl SocketHistory {
-    pub fn new(socket: &SocketView, now_ns: u64, generation: u64) -> Self {
+    pub fn new(socket: &SocketView, now_ns: u64, generation: u32) -> Self {
         let tcp = socket.diag.tcp.unwrap_or_default();
         let probe_since = socket
             .activity
             .filter(|a| a.state == u32::from(socket.diag.state) && a.state_since_ns != 0)
-            .map(|a| a.state_since_ns);
-        let state_since_ns = probe_since.unwrap_or(if socket.diag.state == CLOSE_WAIT {
+            .map(|a| ms_clock(a.state_since_ns));
+        let state_since_ms = probe_since.unwrap_or(if socket.diag.state == CLOSE_WAIT {
             // The peer's FIN was its last word: the time since the last ACK from it is a
             // lower bound on the time in CLOSE_WAIT for a socket older than the agent.
-            ago(now_ns, tcp.last_ack_recv_ms)
+            ms_ago(now_ns, tcp.last_ack_recv_ms)
         } else {
-            now_ns
+            ms_clock(now_ns)
         });
         // Likewise for data waiting to be sent: nothing was acknowledged since the last ACK.
-        let last_progress_ns =
-            if socket.diag.wqueue > 0 { ago(now_ns, tcp.last_ack_recv_ms) } else { now_ns };
+        let last_progress_ms = if socket.diag.wqueue > 0 {
+            ms_ago(now_ns, tcp.last_ack_recv_ms)
+        } else {
+            ms_clock(now_ns)
+        };
         SocketHistory {
             state: socket.diag.state,
-            state_since_ns,
-            bytes_acked: tcp.bytes_acked,
-            last_progress_ns,
-            checkpoints: VecDeque::from([checkpoint(socket, now_ns)]),
+            checkpoint_count: 1,
+            has_dropped: false,
+            state_since_ms,
+            last_progress_ms,
+            bytes_acked: tcp.bytes_acked as u32,
             drops: socket.diag.drops.unwrap_or(0),
-            last_drop_ns: None,
+            last_drop_ms: 0,
             generation,
+            checkpoints: [checkpoint(socket, now_ns); CHECKPOINTS],
         }
     }
 
     /// Folds in this poll's view. `window_ns` is the rate window (the slow-transfer threshold).
-    pub fn update(&mut self, socket: &SocketView, now_ns: u64, window_ns: u64, generation: u64) {
+    pub fn update(&mut self, socket: &SocketView, now_ns: u64, window_ns: u64, generation: u32) {
         self.generation = generation;
+        let now_ms = ms_clock(now_ns);
         let tcp = socket.diag.tcp.unwrap_or_default();
         if socket.diag.state != self.state {
             self.state = socket.diag.state;
-            self.state_since_ns = socket
+            self.state_since_ms = socket
                 .activity
                 .filter(|a| a.state == u32::from(socket.diag.state) && a.state_since_ns != 0)
-                .map_or(now_ns, |a| a.state_since_ns);
+                .map_or(now_ms, |a| ms_clock(a.state_since_ns));
         }
-        if tcp.bytes_acked != self.bytes_acked || socket.diag.wqueue == 0 {
-            self.bytes_acked = tcp.bytes_acked;
-            self.last_progress_ns = now_ns;
+        if tcp.bytes_acked as u32 != self.bytes_acked || socket.diag.wqueue == 0 {
+            self.bytes_acked = tcp.bytes_acked as u32;
+            self.last_progress_ms = now_ms;
         }
         let drops = socket.diag.drops.unwrap_or(0);
         if drops > self.drops {
-            self.last_drop_ns = Some(now_ns);
+            self.has_dropped = true;
+            self.last_drop_ms = now_ms;
         }
         self.drops = drops;
-        // Checkpoints every quarter window keep rates over [window, 1.25 window] cheaply.
-        let step = (window_ns / 4).max(1);
-        if self.checkpoints.back().is_none_or(|c| now_ns.saturating_sub(c.at_ns) >= step) {
-            self.checkpoints.push_back(checkpoint(socket, now_ns));
+        // Checkpoints every third of a window keep rates over [window, 4/3 window] cheaply.
+        let (window_ms, step_ms) = ((window_ns / MS) as u32, ((window_ns / MS / 3) as u32).max(1));
+        let count = self.checkpoint_count as usize;
+        let age = |c: &Checkpoint| now_ms.wrapping_sub(c.at_ms);
+        if age(&self.checkpoints[count - 1]) >= step_ms {
+            if count == CHECKPOINTS {
+                self.checkpoints.copy_within(1.., 0);
+                self.checkpoints[CHECKPOINTS - 1] = checkpoint(socket, now_ns);
+            } else {
+                self.checkpoints[count] = checkpoint(socket, now_ns);
+                self.checkpoint_count += 1;
+            }
         }
-        while self.checkpoints.len() > 2
-            && now_ns.saturating_sub(self.checkpoints[1].at_ns) >= window_ns
-        {
-            self.checkpoints.pop_front();
+        // Drop the oldest while the next one alone still covers the window.
+        while self.checkpoint_count > 2 && age(&self.checkpoints[1]) >= window_ms {
+            self.checkpoints.copy_within(1.., 0);
+            self.checkpoint_count -= 1;
+        }
+    }
+
+    /// Bytes moved since the oldest checkpoint, given the counters now.
+    pub fn window(&self, now_ns: u64, received: u64, acked: u64) -> Window {
+        let now_ms = ms_clock(now_ns);
+        let points = &self.checkpoints[..self.checkpoint_count as usize];
+        let oldest = points[0];
+        let span_ms = now_ms.wrapping_sub(oldest.at_ms);
+        let middle = points
+            .iter()
+            .find(|c| c.at_ms.wrapping_sub(oldest.at_ms) >= span_ms / 2)
+            .copied()
+            .unwrap_or(oldest);
+        Window {
+            span_ms: u64::from(span_ms),
+            received: u64::from((received as u32).wrapping_sub(oldest.received)),
+            acked: u64::from((acked as u32).wrapping_sub(oldest.acked)),
+            received_early: middle.received != oldest.received,
+            acked_early: middle.acked != oldest.acked,
         }
     }
 
     pub fn stalled_ms(&self, now_ns: u64) -> u64 {
-        now_ns.saturating_sub(self.last_progress_ns) / MS
+        u64::from(ms_clock(now_ns).wrapping_sub(self.last_progress_ms))
     }
 
     pub fn in_state_ms(&self, now_ns: u64) -> u64 {
-        now_ns.saturating_sub(self.state_since_ns) / MS
+        u64::from(ms_clock(now_ns).wrapping_sub(self.state_since_ms))
+    }
+
+    /// Whether a listener dropped connections within the last `ms`.
+    pub fn dropped_within(&self, now_ns: u64, ms: u64) -> bool {
+        self.has_dropped && u64::from(ms_clock(now_ns).wrapping_sub(self.last_drop_ms)) < ms
     }
 
     pub fn drops(&self) -> u32 {
@@ -109,20 +170,29 @@ impl SocketHistory {
     }
 }
 
+/// Milliseconds on the monotonic clock, wrapping every 49 days (compared with wrapping_sub).
+fn ms_clock(now_ns: u64) -> u32 {
+    (now_ns / MS) as u32
+}
+
 fn checkpoint(socket: &SocketView, now_ns: u64) -> Checkpoint {
     let tcp = socket.diag.tcp.unwrap_or_default();
-    Checkpoint { at_ns: now_ns, received: tcp.bytes_received, acked: tcp.bytes_acked }
+    Checkpoint {
+        at_ms: ms_clock(now_ns),
+        received: tcp.bytes_received as u32,
+        acked: tcp.bytes_acked as u32,
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct ProcessHistory {
     accept_errors: u64,
     pub last_accept_error_ns: Option<u64>,
-    pub generation: u64,
+    pub generation: u32,
 }
 
 impl ProcessHistory {
-    pub fn new(process: &ProcessView, generation: u64) -> Self {
+    pub fn new(process: &ProcessView, generation: u32) -> Self {
         ProcessHistory {
             accept_errors: process.accept_errors.unwrap_or(0),
             last_accept_error_ns: None,
@@ -130,7 +200,7 @@ impl ProcessHistory {
         }
     }
 
-    pub fn update(&mut self, process: &ProcessView, now_ns: u64, generation: u64) {
+    pub fn update(&mut self, process: &ProcessView, now_ns: u64, generation: u32) {
         self.generation = generation;
         let errors = process.accept_errors.unwrap_or(0);
         if errors > self.accept_errors {
@@ -173,7 +243,7 @@ mod tests {
         let mut s = socket(1, 1, 0, 0);
         let mut h = SocketHistory::new(&s, NOW_NS, 1);
         s.diag.state = CLOSE_WAIT;
-        s.activity = Some(observer_common::SockActivity {
+        s.activity = Some(crate::snapshot::Activity {
             state: u32::from(CLOSE_WAIT),
             state_since_ns: NOW_NS - 3 * S,
             ..Default::default()
@@ -184,14 +254,25 @@ mod tests {
 
     #[test]
     fn checkpoints_cover_the_window_and_no_more() {
-        let s = socket(1, 1, 0, 0);
+        let mut s = socket(1, 1, 0, 0);
         let mut h = SocketHistory::new(&s, NOW_NS, 1);
-        for i in 1..=100 {
-            h.update(&s, NOW_NS + i * S, 8 * S, i + 1);
+        for i in 1..=100u64 {
+            s.diag.tcp.as_mut().unwrap().bytes_received = i * 10;
+            h.update(&s, NOW_NS + i * S, 8 * S, i as u32 + 1);
         }
-        let oldest = h.checkpoints.front().unwrap().at_ns;
-        let span = NOW_NS + 100 * S - oldest;
-        assert!((8 * S..=10 * S).contains(&span), "window span {span}");
-        assert!(h.checkpoints.len() <= 6, "{}", h.checkpoints.len());
+        let w = h.window(NOW_NS + 100 * S, 1000, 0);
+        assert!((8_000..=10_000).contains(&w.span_ms), "window span {}", w.span_ms);
+        assert_eq!(w.received, w.span_ms / 100, "10 bytes a second over the span");
+        assert!(w.received_early && !w.acked_early);
+        assert!(h.checkpoint_count as usize <= CHECKPOINTS);
+    }
+
+    #[test]
+    fn counters_and_clock_wrap_safely() {
+        let mut s = socket(1, 1, 0, 0);
+        s.diag.tcp.as_mut().unwrap().bytes_received = u64::from(u32::MAX) - 5;
+        let h = SocketHistory::new(&s, NOW_NS, 1);
+        let w = h.window(NOW_NS + 2 * S, u64::from(u32::MAX) + 10, 0);
+        assert_eq!((w.span_ms, w.received), (2_000, 15));
     }
 }

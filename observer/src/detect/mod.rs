@@ -5,14 +5,15 @@ pub mod rules;
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use std::sync::Arc;
 
-pub use self::rules::KernelFacts;
+pub use self::rules::{Facts, KernelFacts};
 use self::{
     history::{ProcessHistory, SocketHistory},
-    rules::{Hit, SocketCtx},
+    rules::SocketCtx,
 };
 use crate::{
+    fastmap::FastMap,
     policy::{Policy, Subject},
     reason::Reason,
     snapshot::{Identity, ResetView, Snapshot},
@@ -29,25 +30,32 @@ pub enum Target {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Finding {
     pub target: Target,
-    pub reason: Reason,
-    pub identity: Identity,
-    /// One sentence for the operator.
-    pub detail: String,
-    /// Numbers specific to the reason, merged into the alert.
-    pub metrics: Map<String, Value>,
+    /// The verdict and its numbers; words and JSON are rendered only if an alert is raised.
+    pub facts: Facts,
     /// The policy rule that set this socket's thresholds, if one did.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
 }
 
 impl Finding {
-    fn new(target: Target, identity: Identity, hit: Hit, rule: Option<&str>) -> Finding {
-        Finding {
-            target,
-            reason: hit.reason,
-            identity,
-            detail: hit.detail,
-            metrics: hit.metrics,
-            rule: rule.map(str::to_owned),
+    pub fn reason(&self) -> Reason {
+        self.facts.reason()
+    }
+
+    /// Who and what the finding is about, as of `snapshot`.
+    pub fn identity(&self, snapshot: &Snapshot) -> Identity {
+        match (self.target, &self.facts) {
+            (Target::Socket(cookie), facts) => match snapshot.find(cookie) {
+                Some(socket) => Identity::of_socket(socket),
+                // A reset's socket may already be gone: the probes said what it was.
+                None => match facts {
+                    Facts::ResetUnread(reset) => Identity::of_reset(reset),
+                    _ => Identity { cookie: Some(cookie), ..Identity::of_none() },
+                },
+            },
+            (Target::Process(pid), _) => match snapshot.process(pid) {
+                Some(p) => Identity::of_process(p),
+                None => Identity { pid: Some(pid), ..Identity::of_none() },
+            },
         }
     }
 }
@@ -55,9 +63,9 @@ impl Finding {
 pub struct Detector {
     policy: Policy,
     facts: KernelFacts,
-    generation: u64,
-    sockets: HashMap<u64, SocketHistory>,
-    processes: HashMap<u32, ProcessHistory>,
+    generation: u32,
+    sockets: FastMap<u64, SocketHistory>,
+    processes: FastMap<u32, ProcessHistory>,
     /// Data-losing resets, remembered while their socket still exists.
     resets: HashMap<u64, ResetView>,
 }
@@ -68,8 +76,8 @@ impl Detector {
             policy,
             facts,
             generation: 0,
-            sockets: HashMap::new(),
-            processes: HashMap::new(),
+            sockets: FastMap::default(),
+            processes: FastMap::default(),
             resets: HashMap::new(),
         }
     }
@@ -80,7 +88,7 @@ impl Detector {
 
     /// Everything stuck in this snapshot, in a stable order.
     pub fn observe(&mut self, snapshot: &Snapshot) -> Vec<Finding> {
-        self.generation += 1;
+        self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
         let now = snapshot.taken_ns;
         let mut findings = Vec::new();
@@ -100,10 +108,12 @@ impl Detector {
                 t: &applied.thresholds,
                 facts: self.facts,
             };
-            for hit in rules::socket_rules(&ctx).filter(|h| !applied.ignored.contains(h.reason)) {
-                let target = Target::Socket(socket.cookie());
-                findings.push(Finding::new(target, Identity::of_socket(socket), hit, applied.rule));
-            }
+            rules::socket_rules(&ctx, |facts| {
+                if !applied.ignored.contains(facts.reason()) {
+                    let rule = applied.rule.cloned();
+                    findings.push(Finding { target: Target::Socket(socket.cookie()), facts, rule });
+                }
+            });
         }
         self.sockets.retain(|_, h| h.generation == generation);
 
@@ -116,16 +126,11 @@ impl Detector {
             let subject =
                 Subject { pid: Some(process.pid), comm: Some(&process.comm), ..Default::default() };
             let applied = self.policy.apply(&subject);
-            if let Some(hit) = rules::fd_pressure(process, history, now, &applied.thresholds)
-                .filter(|h| !applied.ignored.contains(h.reason))
+            if let Some(facts) = rules::fd_pressure(process, history, now, &applied.thresholds)
+                .filter(|f| !applied.ignored.contains(f.reason()))
             {
-                let target = Target::Process(process.pid);
-                findings.push(Finding::new(
-                    target,
-                    Identity::of_process(process),
-                    hit,
-                    applied.rule,
-                ));
+                let rule = applied.rule.cloned();
+                findings.push(Finding { target: Target::Process(process.pid), facts, rule });
             }
         }
         self.processes.retain(|_, h| h.generation == generation);
@@ -149,15 +154,14 @@ impl Detector {
             };
             let applied = policy.apply(&subject);
             if !applied.ignored.contains(Reason::ResetUnread) {
-                let identity =
-                    present.map_or_else(|| Identity::of_reset(reset), Identity::of_socket);
-                let hit = rules::reset_unread(reset);
-                findings.push(Finding::new(Target::Socket(cookie), identity, hit, applied.rule));
+                let facts = rules::reset_unread(reset);
+                let rule = applied.rule.cloned();
+                findings.push(Finding { target: Target::Socket(cookie), facts, rule });
             }
             present.is_some()
         });
 
-        findings.sort_by_key(|f| (f.target, f.reason));
+        findings.sort_by_key(|f| (f.target, f.reason()));
         findings
     }
 }

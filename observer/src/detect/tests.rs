@@ -23,7 +23,7 @@ fn at(t_ns: u64, sockets: Vec<SocketView>) -> Snapshot {
 }
 
 fn reasons(findings: &[Finding]) -> Vec<Reason> {
-    findings.iter().map(|f| f.reason).collect()
+    findings.iter().map(|f| f.reason()).collect()
 }
 
 /// Runs `steps` polls one `step` apart; `shape(i)` gives the socket at poll i. Returns the
@@ -47,8 +47,8 @@ fn run(
 fn idle_established_socket_is_found_with_its_idle_time() {
     let found = detector().observe(&snapshot(vec![socket(1, 1, 61_000, 65_000)]));
     assert_eq!(reasons(&found), vec![Reason::Idle]);
-    assert!(found[0].detail.contains("61.0s"), "{}", found[0].detail);
-    assert_eq!(found[0].identity.cookie, Some(1));
+    assert!(found[0].facts.detail().contains("61.0s"), "{}", found[0].facts.detail());
+    assert_eq!(found[0].target, Target::Socket(1));
 }
 
 #[test]
@@ -68,8 +68,7 @@ fn only_established_sockets_with_nothing_to_send_are_idle() {
 #[test]
 fn recent_application_read_seen_by_probes_keeps_socket_active() {
     let mut s = socket(1, 1, 120_000, 120_000);
-    s.activity =
-        Some(observer_common::SockActivity { last_recv_ns: NOW_NS - S, ..Default::default() });
+    s.activity = Some(crate::snapshot::Activity { last_recv_ns: NOW_NS - S, ..Default::default() });
     assert!(detector().observe(&snapshot(vec![s])).is_empty());
 }
 
@@ -90,7 +89,7 @@ fn slow_loris_trickle_is_a_slow_transfer() {
     // One byte every half second for four seconds: 2 B/s.
     let found = run(&mut det, 8, S / 2, |i| trickle(i, 1, false));
     assert_eq!(reasons(&found), vec![Reason::SlowTransfer]);
-    let m = &found[0].metrics;
+    let m = &found[0].facts.metrics();
     assert_eq!(m["direction"], "receiving");
     let rate = m["rate_bytes_per_sec"].as_f64().unwrap();
     assert!((1.5..=2.5).contains(&rate), "{m:?}");
@@ -147,8 +146,8 @@ fn stuck_sender(acked: u64, retransmits: u8) -> SocketView {
 fn peer_that_stopped_reading_blocks_the_sender() {
     let found = run(&mut detector(), 31, S, |_| stuck_sender(5_000, 0));
     assert_eq!(reasons(&found), vec![Reason::BlockedSend]);
-    assert_eq!(found[0].metrics["send_queue_bytes"], 2_000_000);
-    assert!(found[0].metrics["stalled_ms"].as_u64().unwrap() >= 30_000);
+    assert_eq!(found[0].facts.metrics()["send_queue_bytes"], 2_000_000);
+    assert!(found[0].facts.metrics()["stalled_ms"].as_u64().unwrap() >= 30_000);
 }
 
 #[test]
@@ -161,7 +160,7 @@ fn a_slow_but_moving_sender_is_not_blocked() {
 fn vanished_peer_is_retransmitting_not_blocked() {
     let found = run(&mut detector(), 31, S, |_| stuck_sender(5_000, 4));
     assert_eq!(reasons(&found), vec![Reason::Retransmitting]);
-    let m = &found[0].metrics;
+    let m = &found[0].facts.metrics();
     assert_eq!(m["retransmits_in_a_row"], 4);
     assert!(m["gives_up_in_ms"].as_u64().unwrap() < 924_600 - 30_000);
 }
@@ -178,7 +177,7 @@ fn a_retransmission_that_recovers_is_not_reported() {
 fn close_wait_after_its_timeout() {
     let found = run(&mut detector(), 61, S, |_| socket(1, 8, 100, 100));
     assert_eq!(reasons(&found), vec![Reason::CloseWait]);
-    assert!(found[0].metrics["close_wait_ms"].as_u64().unwrap() >= 60_000);
+    assert!(found[0].facts.metrics()["close_wait_ms"].as_u64().unwrap() >= 60_000);
     assert!(run(&mut detector(), 59, S, |_| socket(1, 8, 100, 100)).is_empty());
 }
 
@@ -197,7 +196,10 @@ fn full_accept_queue_is_an_overflow() {
     let found = detector().observe(&snapshot(vec![listener(2, 1, 0)]));
     assert_eq!(reasons(&found), vec![Reason::AcceptQueueOverflow]);
     assert_eq!(
-        (found[0].metrics["queue_length"].as_u64(), found[0].metrics["queue_limit"].as_u64()),
+        (
+            found[0].facts.metrics()["queue_length"].as_u64(),
+            found[0].facts.metrics()["queue_limit"].as_u64()
+        ),
         (Some(2), Some(1))
     );
     assert!(
@@ -232,16 +234,19 @@ fn remote_idle(ms: u32, timer: u8, expires_ms: u32) -> SocketView {
 fn silent_connection_without_keepalive_will_be_dropped_by_a_middlebox() {
     let found = detector().observe(&snapshot(vec![remote_idle(301_000, 0, 0)]));
     assert!(reasons(&found).contains(&Reason::KeepaliveMissing));
-    let f = found.iter().find(|f| f.reason == Reason::KeepaliveMissing).unwrap();
-    assert_eq!(f.metrics["keepalive"], false);
+    let f = found.iter().find(|f| f.reason() == Reason::KeepaliveMissing).unwrap();
+    assert_eq!(f.facts.metrics()["keepalive"], false);
 }
 
 #[test]
 fn keepalive_too_late_is_reported_too() {
     let found = detector().observe(&snapshot(vec![remote_idle(301_000, 2, 6_899_000)]));
-    let f = found.iter().find(|f| f.reason == Reason::KeepaliveMissing).unwrap();
+    let f = found.iter().find(|f| f.reason() == Reason::KeepaliveMissing).unwrap();
     assert_eq!(
-        (f.metrics["keepalive"].as_bool(), f.metrics["keepalive_next_probe_ms"].as_u64()),
+        (
+            f.facts.metrics()["keepalive"].as_bool(),
+            f.facts.metrics()["keepalive_next_probe_ms"].as_u64()
+        ),
         (Some(true), Some(6_899_000))
     );
 }
@@ -277,7 +282,10 @@ fn nearly_exhausted_fds_are_fd_pressure() {
     assert_eq!(reasons(&found), vec![Reason::FdPressure]);
     assert_eq!(found[0].target, Target::Process(42));
     assert_eq!(
-        (found[0].metrics["fds_used"].as_u64(), found[0].metrics["fds_limit"].as_u64()),
+        (
+            found[0].facts.metrics()["fds_used"].as_u64(),
+            found[0].facts.metrics()["fds_limit"].as_u64()
+        ),
         (Some(95), Some(100))
     );
     assert!(poll_processes(&mut detector(), 0, process(50, Some(100), 0)).is_empty());
@@ -317,11 +325,16 @@ fn reset(cookie: u64) -> ResetView {
 #[test]
 fn reset_with_unread_data_is_reported_once_then_gone_with_the_socket() {
     let mut det = detector();
-    let first =
-        det.observe(&Snapshot::new(NOW_NS, vec![], vec![], vec![reset(9)], Default::default()));
+    let snap = Snapshot::new(NOW_NS, vec![], vec![], vec![reset(9)], Default::default());
+    let first = det.observe(&snap);
     assert_eq!(reasons(&first), vec![Reason::ResetUnread]);
-    assert_eq!(first[0].metrics["unread_bytes"], 17);
-    assert_eq!(first[0].identity.local.as_deref(), Some("127.0.0.1:8080"));
+    assert_eq!(first[0].facts.metrics()["unread_bytes"], 17);
+    let identity = first[0].identity(&snap);
+    assert_eq!(
+        identity.local,
+        Some("127.0.0.1:8080".parse().unwrap()),
+        "from the probes: the socket is gone"
+    );
     assert!(det.observe(&at(NOW_NS + S, vec![])).is_empty());
 }
 

@@ -19,11 +19,11 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_SKMEMINFO: u16 = 7;
 /// Index of sk_drops in the SK_MEMINFO array.
 const SK_MEMINFO_DROPS: usize = 8;
-const INET_DIAG_SHUTDOWN: u16 = 8;
 
 const NLMSG_HDR_LEN: usize = 16;
 const SOCKID_LEN: usize = 48;
@@ -45,6 +45,59 @@ pub enum DiagError {
     Malformed(&'static str),
 }
 
+/// An IP address and port, packed into 20 bytes (a `SocketAddr` takes 32): the agent holds two
+/// per watched socket.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(), self.port)
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from(self.ip))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(self.ip[0], self.ip[1], self.ip[2], self.ip[3]))
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Self {
+        Endpoint { ip: ip_bytes(addr.ip()), port: addr.port(), v6: addr.is_ipv6() }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<SocketAddr>().map(Endpoint::from)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
 /// One socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiagSocket {
@@ -54,18 +107,15 @@ pub struct DiagSocket {
     pub timer: u8,
     /// Milliseconds until that timer fires.
     pub timer_expires_ms: u32,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    pub local: Endpoint,
+    pub remote: Endpoint,
     pub interface: u32,
     pub cookie: u64,
     /// Bytes queued for reading (LISTEN: connections waiting in the accept queue).
     pub rqueue: u32,
     /// Bytes queued for sending (LISTEN: the accept queue's limit).
     pub wqueue: u32,
-    pub uid: u32,
     pub inode: u32,
-    /// shutdown(2) state: bit 0 receive side closed, bit 1 send side closed.
-    pub shutdown: Option<u8>,
     /// Packets the socket dropped; for a listener, connections refused because its accept
     /// queue was full.
     pub drops: Option<u32>,
@@ -99,15 +149,47 @@ impl DiagSocketHandle {
         Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) }, seq: 0 })
     }
 
-    /// All TCP sockets of both address families whose state is in `states` (a bit per state).
+    /// All TCP sockets of both address families whose state is in `states` (a bit per state),
+    /// with tcp_info, shutdown state and memory counters.
     pub fn dump_tcp(&mut self, states: u32) -> Result<Vec<DiagSocket>, DiagError> {
+        self.dump_tcp_with(states, Extensions::ALL, None)
+    }
+
+    /// Like [`Self::dump_tcp`], asking only for `extensions` (each costs kernel time per
+    /// socket) and, with `filter`, only for the sockets it accepts (the kernel skips filling
+    /// the others).
+    pub fn dump_tcp_with(
+        &mut self,
+        states: u32,
+        extensions: Extensions,
+        filter: Option<&PortFilter>,
+    ) -> Result<Vec<DiagSocket>, DiagError> {
         let mut sockets = Vec::new();
+        self.dump_each(states, extensions, filter, |s| sockets.push(s))?;
+        Ok(sockets)
+    }
+
+    /// Like [`Self::dump_tcp_with`], handing each socket to `each` as it is parsed (so the caller
+    /// can build its own records without a second copy of the table in memory).
+    pub fn dump_each(
+        &mut self,
+        states: u32,
+        extensions: Extensions,
+        filter: Option<&PortFilter>,
+        mut each: impl FnMut(DiagSocket),
+    ) -> Result<(), DiagError> {
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            let request = encode_request(family, states, None);
+            let mut request = encode_request(family, states, extensions, None);
+            if let Some(filter) = filter {
+                let code = filter.bytecode();
+                request.extend_from_slice(&((4 + code.len()) as u16).to_ne_bytes());
+                request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+                request.extend_from_slice(&code);
+            }
             self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request)?;
             self.receive(|msg_type, payload| {
                 if msg_type == SOCK_DIAG_BY_FAMILY {
-                    sockets.push(parse_diag_msg(payload)?);
+                    each(parse_diag_msg(payload)?);
                 }
                 Ok(())
             })
@@ -119,14 +201,14 @@ impl DiagSocketHandle {
                 other => other,
             })?;
         }
-        Ok(sockets)
+        Ok(())
     }
 
     /// Destroys the one socket matching `id` exactly (cookie included), as `ss -K` does. The
     /// kernel refuses with ESTALE if the cookie no longer names that socket.
     pub fn destroy(&mut self, id: &SockId) -> Result<(), DiagError> {
         let family = if id.local.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 } as u8;
-        let request = encode_request(family, u32::MAX, Some(id));
+        let request = encode_request(family, u32::MAX, Extensions::NONE, Some(id));
         self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request)?;
         self.receive(|_, _| Ok(()))
     }
@@ -215,15 +297,147 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn encode_request(family: u8, states: u32, id: Option<&SockId>) -> Vec<u8> {
+const BC_JMP: u8 = 1;
+const BC_D_GE: u8 = 4;
+const BC_S_EQ: u8 = 11;
+const BC_D_EQ: u8 = 12;
+
+/// A socket filter the kernel runs during a dump (sock_diag bytecode), so that it skips filling
+/// in the sockets the agent would throw away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortFilter {
+    /// Keep a socket whose local or remote port is one of these (`--port`).
+    Either(Vec<u16>),
+    /// Keep a socket whose local port is one of these, or whose remote port is none of them.
+    /// Given a server's listening ports, this drops the server's own clients on this host (on
+    /// loopback, say), which belong to other processes, and keeps everything of the server's.
+    NotClientOf(Vec<u16>),
+    /// Keep a socket whose remote port is at least `from` and below `to`: splits one dump into
+    /// several that can run in parallel.
+    RemotePorts { from: u16, to: u32 },
+    /// Keep what both filters keep.
+    Both(Box<PortFilter>, Box<PortFilter>),
+}
+
+/// `code` (a port comparison) for each port, or-ed: [a][JMP over b][b]. Each fragment, as
+/// iproute2 compiles filters, ends in success by reaching its end and in failure by jumping
+/// 4 bytes past it.
+fn any_port(code: u8, ports: &[u16]) -> Vec<u8> {
+    let check = |port: u16| {
+        let mut c = vec![code, 8];
+        c.extend_from_slice(&12u16.to_ne_bytes());
+        c.extend_from_slice(&[0, 0]);
+        c.extend_from_slice(&port.to_ne_bytes());
+        c
+    };
+    ports.iter().map(|&p| check(p)).reduce(or).unwrap_or_default()
+}
+
+fn or(a: Vec<u8>, b: Vec<u8>) -> Vec<u8> {
+    let mut out = a;
+    out.push(BC_JMP);
+    out.push(4);
+    out.extend_from_slice(&((b.len() + 4) as u16).to_ne_bytes());
+    out.extend(b);
+    out
+}
+
+/// [x][JMP +8] turns x's success into failure and failure into success.
+fn not(mut x: Vec<u8>) -> Vec<u8> {
+    x.extend_from_slice(&[BC_JMP, 4]);
+    x.extend_from_slice(&8u16.to_ne_bytes());
+    x
+}
+
+/// dport >= port.
+fn remote_at_least(port: u16) -> Vec<u8> {
+    let mut c = vec![BC_D_GE, 8];
+    c.extend_from_slice(&12u16.to_ne_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c.extend_from_slice(&port.to_ne_bytes());
+    c
+}
+
+/// An empty program keeps everything; this one, "dport >= 0", too, where a fragment is needed.
+fn keep_all() -> Vec<u8> {
+    remote_at_least(0)
+}
+
+impl PortFilter {
+    fn bytecode(&self) -> Vec<u8> {
+        match self {
+            PortFilter::Either(ports) if !ports.is_empty() => {
+                or(any_port(BC_S_EQ, ports), any_port(BC_D_EQ, ports))
+            }
+            PortFilter::NotClientOf(ports) if !ports.is_empty() => {
+                or(any_port(BC_S_EQ, ports), not(any_port(BC_D_EQ, ports)))
+            }
+            PortFilter::RemotePorts { from, to } => {
+                let upper = match u16::try_from(*to) {
+                    Ok(to) => not(remote_at_least(to)),
+                    Err(_) => keep_all(), // no upper bound
+                };
+                // a and b == not(not a or not b)
+                not(or(not(remote_at_least(*from)), not(upper)))
+            }
+            PortFilter::Both(a, b) => {
+                let (a, b) = (a.bytecode_or_all(), b.bytecode_or_all());
+                not(or(not(a), not(b)))
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn bytecode_or_all(&self) -> Vec<u8> {
+        let code = self.bytecode();
+        if code.is_empty() { keep_all() } else { code }
+    }
+}
+
+/// Runs `code` the way the kernel's inet_diag_bc_run does, for the tests.
+#[cfg(test)]
+fn run_bytecode(code: &[u8], sport: u16, dport: u16) -> bool {
+    let mut at = 0usize;
+    let mut len = code.len() as isize;
+    while len > 0 {
+        let op = &code[at..];
+        let yes = match op[0] {
+            BC_JMP => false,
+            BC_S_EQ => sport == u16::from_ne_bytes([op[6], op[7]]),
+            BC_D_EQ => dport == u16::from_ne_bytes([op[6], op[7]]),
+            BC_D_GE => dport >= u16::from_ne_bytes([op[6], op[7]]),
+            _ => true,
+        };
+        let step = if yes { op[1] as isize } else { u16::from_ne_bytes([op[2], op[3]]) as isize };
+        len -= step;
+        at = (at as isize + step) as usize;
+    }
+    len == 0
+}
+
+/// Which optional attributes a dump asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extensions(u8);
+
+impl Extensions {
+    pub const NONE: Extensions = Extensions(0);
+    /// tcp_info: times since last data, byte counters, retransmission state.
+    pub const INFO: Extensions = Extensions(1 << (INET_DIAG_INFO - 1));
+    /// Socket memory counters, of which the drop count matters (for listeners).
+    pub const MEMINFO: Extensions = Extensions(1 << (INET_DIAG_SKMEMINFO - 1));
+    pub const ALL: Extensions = Extensions(Self::INFO.0 | Self::MEMINFO.0);
+
+    pub const fn with(self, other: Extensions) -> Extensions {
+        Extensions(self.0 | other.0)
+    }
+}
+
+fn encode_request(family: u8, states: u32, extensions: Extensions, id: Option<&SockId>) -> Vec<u8> {
     let mut req = Vec::with_capacity(REQ_LEN);
     req.push(family);
     req.push(libc::IPPROTO_TCP as u8);
     // Extensions wanted in the reply: bit (attribute - 1).
-    let extensions = (1u8 << (INET_DIAG_INFO - 1))
-        | (1u8 << (INET_DIAG_SKMEMINFO - 1))
-        | (1u8 << (INET_DIAG_SHUTDOWN - 1));
-    req.push(extensions);
+    req.push(extensions.0);
     req.push(0);
     req.extend_from_slice(&states.to_ne_bytes());
     match id {
@@ -255,13 +469,15 @@ fn ip_bytes(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-fn parse_addr(family: u8, raw: &[u8], port: u16) -> SocketAddr {
-    if family == libc::AF_INET as u8 {
-        SocketAddr::new(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]).into(), port)
+fn parse_addr(family: u8, raw: &[u8], port: u16) -> Endpoint {
+    let v6 = family != libc::AF_INET as u8;
+    let mut ip = [0u8; 16];
+    if v6 {
+        ip.copy_from_slice(&raw[..16]);
     } else {
-        let octets: [u8; 16] = raw[..16].try_into().unwrap();
-        SocketAddr::new(Ipv6Addr::from(octets).into(), port)
+        ip[..4].copy_from_slice(&raw[..4]);
     }
+    Endpoint { ip, port, v6 }
 }
 
 /// Parses one inet_diag_msg and its attributes.
@@ -287,9 +503,7 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         timer_expires_ms: u32_at(52),
         rqueue: u32_at(56),
         wqueue: u32_at(60),
-        uid: u32_at(64),
         inode: u32_at(68),
-        shutdown: None,
         drops: None,
         tcp: None,
     };
@@ -303,7 +517,6 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         let value = &attrs[4..len];
         match kind {
             INET_DIAG_INFO => socket.tcp = Some(TcpInfo::parse(value)),
-            INET_DIAG_SHUTDOWN => socket.shutdown = value.first().copied(),
             INET_DIAG_SKMEMINFO => {
                 let at = SK_MEMINFO_DROPS * 4;
                 socket.drops =
@@ -340,7 +553,8 @@ mod tests {
         for v in [7000u32, 5, 10, 1000, 4242] {
             msg.extend_from_slice(&v.to_ne_bytes());
         }
-        // INET_DIAG_SHUTDOWN attribute (len 5, padded to 8).
+        // An attribute the parser does not use (INET_DIAG_SHUTDOWN, len 5, padded to 8).
+        const INET_DIAG_SHUTDOWN: u16 = 8;
         msg.extend_from_slice(&5u16.to_ne_bytes());
         msg.extend_from_slice(&INET_DIAG_SHUTDOWN.to_ne_bytes());
         msg.extend_from_slice(&[1, 0, 0, 0]);
@@ -359,9 +573,8 @@ mod tests {
         assert_eq!(s.local.to_string(), "127.0.0.1:8080");
         assert_eq!(s.remote.to_string(), "10.1.2.3:51234");
         assert_eq!((s.state, s.timer, s.timer_expires_ms), (1, 2, 7000));
-        assert_eq!((s.rqueue, s.wqueue, s.uid, s.inode), (5, 10, 1000, 4242));
+        assert_eq!((s.rqueue, s.wqueue, s.inode), (5, 10, 4242));
         assert_eq!(s.cookie, 0x1_0000_0002);
-        assert_eq!(s.shutdown, Some(1));
         assert_eq!(s.drops, Some(800));
         assert!(s.tcp.is_none());
     }
@@ -384,6 +597,59 @@ mod tests {
     }
 
     #[test]
+    fn port_filter_keeps_the_servers_sockets_and_drops_its_local_clients() {
+        let filter = PortFilter::NotClientOf(vec![8080, 8443, 9000]);
+        let code = filter.bytecode();
+        // The server's accepted connections and listeners.
+        assert!(run_bytecode(&code, 8080, 51000));
+        assert!(run_bytecode(&code, 9000, 0));
+        // Its outbound connections, and anyone else's unrelated sockets.
+        assert!(run_bytecode(&code, 40000, 5432));
+        // Clients of the server on this host: not its sockets.
+        assert!(!run_bytecode(&code, 51000, 8080));
+        assert!(!run_bytecode(&code, 51001, 8443));
+        let single = PortFilter::NotClientOf(vec![80]).bytecode();
+        assert!(
+            run_bytecode(&single, 80, 1)
+                && !run_bytecode(&single, 1, 80)
+                && run_bytecode(&single, 1, 2)
+        );
+        assert!(PortFilter::NotClientOf(vec![]).bytecode().is_empty());
+    }
+
+    #[test]
+    fn remote_port_ranges_split_a_dump_exactly() {
+        let low = PortFilter::RemotePorts { from: 0, to: 32768 }.bytecode();
+        let high = PortFilter::RemotePorts { from: 32768, to: 65536 }.bytecode();
+        for dport in [0, 1, 1024, 32767, 32768, 40000, 65535] {
+            assert_ne!(run_bytecode(&low, 80, dport), run_bytecode(&high, 80, dport), "{dport}");
+        }
+        let both = PortFilter::Both(
+            Box::new(PortFilter::NotClientOf(vec![8080])),
+            Box::new(PortFilter::RemotePorts { from: 32768, to: 65536 }),
+        )
+        .bytecode();
+        assert!(run_bytecode(&both, 8080, 40000));
+        assert!(!run_bytecode(&both, 8080, 1000), "outside the range");
+        assert!(!run_bytecode(&both, 40000, 8080), "a client of the server");
+        let open_ended = PortFilter::Both(
+            Box::new(PortFilter::NotClientOf(vec![])),
+            Box::new(PortFilter::RemotePorts { from: 0, to: 32768 }),
+        )
+        .bytecode();
+        assert!(run_bytecode(&open_ended, 1, 5) && !run_bytecode(&open_ended, 1, 50000));
+    }
+
+    #[test]
+    fn either_port_filter_keeps_both_ends_of_the_given_ports() {
+        let code = PortFilter::Either(vec![8080, 5432]).bytecode();
+        assert!(run_bytecode(&code, 8080, 40000));
+        assert!(run_bytecode(&code, 40000, 5432));
+        assert!(run_bytecode(&code, 5432, 8080));
+        assert!(!run_bytecode(&code, 40000, 40001));
+    }
+
+    #[test]
     fn request_carries_cookie_halves() {
         let id = SockId {
             local: "127.0.0.1:1".parse().unwrap(),
@@ -391,7 +657,7 @@ mod tests {
             interface: 0,
             cookie: 0xAABB_CCDD_0011_2233,
         };
-        let req = encode_request(libc::AF_INET as u8, u32::MAX, Some(&id));
+        let req = encode_request(libc::AF_INET as u8, u32::MAX, Extensions::NONE, Some(&id));
         assert_eq!(req.len(), REQ_LEN);
         assert_eq!(&req[8 + 40..8 + 44], &0x0011_2233u32.to_ne_bytes());
         assert_eq!(&req[8 + 44..8 + 48], &0xAABB_CCDDu32.to_ne_bytes());

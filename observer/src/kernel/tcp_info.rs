@@ -24,7 +24,6 @@ pub struct TcpInfo {
     /// Bytes the application wrote that TCP has not sent yet.
     pub notsent_bytes: u32,
     pub bytes_sent: u64,
-    pub bytes_retrans: u64,
     /// The peer's advertised receive window.
     pub snd_wnd: u32,
 }
@@ -53,7 +52,6 @@ impl TcpInfo {
             bytes_received: u64_at(128),
             notsent_bytes: u32_at(144),
             bytes_sent: u64_at(200),
-            bytes_retrans: u64_at(208),
             snd_wnd: u32_at(228),
         }
     }
