@@ -50,8 +50,10 @@ pub struct SockActivity {
     /// The thread that last sent or received application data.
     pub last_tgid: u32,
     pub last_tid: u32,
-    pub last_comm: [u8; 16],
 }
+
+/// Watched process ids the probes compare inline (more go to a hash map).
+pub const INLINE_PIDS: usize = 16;
 
 /// The current (or last) socket call of a thread of a watched process, keyed by thread id.
 /// Lets the agent say how long a thread has been blocked on a socket, measured, not guessed.
@@ -246,7 +248,7 @@ mod tests {
 
     #[test]
     fn sock_activity_has_no_implicit_padding() {
-        let fields = 7 * 8 + 4 * 4 + 16;
+        let fields = 7 * 8 + 4 * 4;
         assert_eq!(core::mem::size_of::<SockActivity>(), fields);
         assert_eq!(core::mem::align_of::<SockActivity>(), 8);
     }

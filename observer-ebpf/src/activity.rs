@@ -3,7 +3,7 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::bpf_get_socket_cookie,
     },
     macros::map,
@@ -24,16 +24,22 @@ static SOCKETS: HashMap<u64, SockActivity> =
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Process ids whose sends and receives are recorded when `FILTER_PIDS` is set.
+/// Process ids whose calls are recorded, beyond the first `INLINE_PIDS` (which live in
+/// `WATCHED`, read-only data compared inline: this check runs on every syscall of the machine).
 #[map]
 static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+const INLINE_PIDS: usize = observer_common::INLINE_PIDS;
 
 // Set by the agent at load time (read-only data, so the verifier sees constants). The offsets come
 // from the running kernel's BTF: Rust BPF has no CO-RE relocations.
 #[unsafe(no_mangle)]
 pub(crate) static OFFSETS: KernelOffsets = KernelOffsets::ZERO;
+/// How many processes are watched (0: every process).
 #[unsafe(no_mangle)]
 static FILTER_PIDS: u32 = 0;
+#[unsafe(no_mangle)]
+static WATCHED: [u32; INLINE_PIDS] = [0; INLINE_PIDS];
 
 /// One field of [`OFFSETS`], read so the compiler cannot fold it to the build-time zero.
 macro_rules! offset {
@@ -81,8 +87,25 @@ pub fn current_is_watched() -> bool {
     if !filtering_pids() {
         return true;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    unsafe { WATCHED_PIDS.get(tgid) }.is_some()
+    is_watched((bpf_get_current_pid_tgid() >> 32) as u32)
+}
+
+/// Whether process `tgid` is watched (when filtering).
+#[inline(always)]
+pub fn is_watched(tgid: u32) -> bool {
+    let count = unsafe { read_volatile(&FILTER_PIDS) } as usize;
+    // Indexed on purpose: each slot is read volatile so the loader's values are not constant-folded,
+    // and a bounded counted loop is what the verifier unrolls cheaply.
+    #[allow(clippy::needless_range_loop)]
+    for i in 0..INLINE_PIDS {
+        if i >= count {
+            return false;
+        }
+        if unsafe { read_volatile(&raw const WATCHED[i]) } == tgid {
+            return true;
+        }
+    }
+    count > INLINE_PIDS && unsafe { WATCHED_PIDS.get(tgid) }.is_some()
 }
 
 #[inline(always)]
@@ -147,7 +170,6 @@ pub enum Direction {
 pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64) {
     let now = now_ns();
     let pid_tgid = bpf_get_current_pid_tgid();
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
     // Updated in place through the map pointer: no second map operation on the hot path.
     unsafe {
         let (stamp, total) = match direction {
@@ -159,7 +181,6 @@ pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64) {
         atomic_add(total, bytes);
         (*entry).last_tgid = (pid_tgid >> 32) as u32;
         (*entry).last_tid = pid_tgid as u32;
-        (*entry).last_comm = comm;
     }
 }
 

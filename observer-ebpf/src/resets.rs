@@ -41,7 +41,8 @@ pub fn record(sk: *const u8, direction: u8) -> Result<(), ()> {
     let cookie = activity::cookie_of(sk as *mut _);
     // In softirq context the current task is unrelated: prefer the socket's last user.
     let (tgid, tid, comm) = match activity::lookup(cookie).filter(|a| a.last_tid != 0) {
-        Some(a) => (a.last_tgid, a.last_tid, a.last_comm),
+        // The agent names the thread from /proc.
+        Some(a) => (a.last_tgid, a.last_tid, [0; 16]),
         None => {
             let pid_tgid = bpf_get_current_pid_tgid();
             ((pid_tgid >> 32) as u32, pid_tgid as u32, bpf_get_current_comm().unwrap_or([0; 16]))

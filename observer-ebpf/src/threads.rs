@@ -37,7 +37,8 @@ fn kind_of(nr: i64) -> u32 {
 /// A watched thread enters syscall `nr` with user registers `regs`.
 #[inline(always)]
 pub fn enter(regs: *const u8, nr: i64) {
-    if kind_of(nr) == syscall_kind::NONE || !activity::current_is_watched() {
+    // Every syscall of the machine starts here: the inline pid check first, then the table.
+    if !activity::current_is_watched() || kind_of(nr) == syscall_kind::NONE {
         return;
     }
     let fd: u64 = read_at(regs, offset!(regs_arg0));
@@ -58,6 +59,10 @@ pub fn enter(regs: *const u8, nr: i64) {
 #[inline(always)]
 pub fn exit(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // Every syscall of the machine ends here: rule other processes out before any map lookup.
+    if !activity::is_watched((pid_tgid >> 32) as u32) {
+        return;
+    }
     let Some(slot) = THREAD_CALLS.get_ptr_mut(pid_tgid as u32) else {
         return;
     };

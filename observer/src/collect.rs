@@ -22,7 +22,7 @@ use crate::{
     },
     probes::Probes,
     procfs::{self, FdCache, Owner},
-    snapshot::{Activity, ProcessView, ResetView, Snapshot, SocketView},
+    snapshot::{ProcessView, ResetView, Snapshot, SocketView},
     system, threads,
 };
 
@@ -209,7 +209,7 @@ impl Collector {
             if diag.state == LISTEN {
                 listen_ports.push(diag.local.port());
             }
-            socket.activity = activity.get(&diag.cookie).map(Activity::from);
+            socket.activity = activity.get(&diag.cookie).copied();
             true
         });
         self.last_count = sockets.len();
@@ -325,7 +325,13 @@ fn reset_view(event: &ResetEvent, owner: Option<&Owner>) -> ResetView {
         // The process still holding the socket is the surest owner; else whom the probes saw.
         pid: owner.map_or(event.tgid, |o| o.pid),
         tid: event.tid,
-        thread_name: threads::comm_str(&event.comm),
+        thread_name: match threads::comm_str(&event.comm) {
+            // In softirq the probes only know the socket's last user: name it from /proc.
+            name if name.is_empty() => {
+                procfs::thread_name(event.tgid, event.tid).unwrap_or_else(|| "(exited)".into())
+            }
+            name => name,
+        },
         // Alerts name the process; the thread's own name goes in `threads`.
         comm: owner.map(|o| o.comm.to_string()).unwrap_or_else(|| {
             procfs::comm(event.tgid).unwrap_or_else(|| threads::comm_str(&event.comm))

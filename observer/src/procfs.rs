@@ -260,6 +260,11 @@ pub fn own_memory_kib(field: &str) -> Option<u64> {
     value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
+/// The name of thread `tid` of process `pid`, if it still exists.
+pub fn thread_name(pid: u32, tid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|c| c.trim_end().to_owned())
+}
+
 /// The name of process `pid`, if it still exists.
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_owned())

@@ -24,17 +24,21 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every (key, value) in the hash map `map`. `K` and `V` must be the map's plain-data key and
-/// value types.
-pub fn read_all<K: Copy, V: Copy>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
-    let mut entries = Vec::new();
+/// Calls `each` with every (key, value) in the hash map `map`, a batch at a time into one
+/// reused buffer. `K` and `V` must be the map's plain-data key and value types.
+pub fn for_each<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    mut each: impl FnMut(K, V),
+) -> io::Result<()> {
     let mut chunk = CHUNK;
+    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
+    let mut values: Vec<MaybeUninit<V>> = Vec::new();
     // The batch position token: a bucket index, opaque to us; 8 bytes covers every map type.
     let (mut position, mut next) = (0u64, 0u64);
     let mut first = true;
     loop {
-        let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk as usize);
-        let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk as usize);
+        keys.resize(chunk as usize, MaybeUninit::uninit());
+        values.resize(chunk as usize, MaybeUninit::uninit());
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { (&raw const position) as u64 },
             out_batch: (&raw mut next) as u64,
@@ -63,18 +67,12 @@ pub fn read_all<K: Copy, V: Copy>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>
             None | Some(libc::ENOENT) => {}
             Some(_) => return Err(err.unwrap()),
         }
-        // SAFETY: the kernel filled the first `count` keys and values.
-        unsafe {
-            keys.set_len(attr.count as usize);
-            values.set_len(attr.count as usize);
+        for i in 0..attr.count as usize {
+            // SAFETY: the kernel filled the first `count` keys and values.
+            unsafe { each(keys[i].assume_init(), values[i].assume_init()) };
         }
-        entries.extend(
-            keys.into_iter()
-                .zip(values)
-                .map(|(k, v)| unsafe { (k.assume_init(), v.assume_init()) }),
-        );
         if err.is_some() {
-            return Ok(entries); // ENOENT: that was the last batch
+            return Ok(()); // ENOENT: that was the last batch
         }
         position = next;
         first = false;
