@@ -53,7 +53,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<bool> {
         let result = match &btf {
             Ok(btf) if missing.is_empty() => {
                 system::raise_memlock_limit();
-                let options = LoadOptions { pids: vec![], max_sockets: 1024 };
+                let options =
+                    LoadOptions { pids: vec![], max_sockets: 1024, syscall_timing: false };
                 Probes::load(candidate, &options, btf)
                     .map(|p| {
                         if !p.notes().is_empty() {

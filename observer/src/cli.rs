@@ -205,6 +205,12 @@ pub struct WatchArgs {
     #[arg(long, requires = "action")]
     pub dry_run: bool,
 
+    /// Also time each watched thread's socket syscalls (needs --pid): gives `blocked_ms` on
+    /// kernels where only the tracepoint backend works, and counts accept() failures for lack of
+    /// fds. It hooks every syscall of the machine: see docs/benchmarks.md for what it costs.
+    #[arg(long, requires = "pids")]
+    pub syscall_timing: bool,
+
     /// Measure each probe's kernel run time (enables kernel BPF statistics while running,
     /// which adds a few ns per event) and report it per program in `stats` as `probe_cost`.
     #[arg(long)]

@@ -105,8 +105,11 @@ pub struct StartedEvent {
     pub ports: Vec<u16>,
     pub kernel: String,
     pub poll_interval_ms: u64,
-    /// Whether blocked_ms and accept errors are measured (per-thread probes, with --pid).
-    pub thread_timing: bool,
+    /// Whether the backend times threads inside TCP sends and receives (blocked_ms).
+    pub call_timing: bool,
+    /// Whether socket syscalls are timed per thread (--syscall-timing: blocked_ms on any
+    /// backend, accept errors).
+    pub syscall_timing: bool,
     /// The policy file in effect, if any.
     pub config: Option<String>,
     /// Thresholds for connections no policy rule matches.

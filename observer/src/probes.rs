@@ -102,7 +102,8 @@ const SHARED: &[(&str, Hook)] = &[
 ];
 
 /// Programs that time the watched processes' socket syscalls per thread. They run on every
-/// syscall of the machine, so they are attached only when specific processes are watched.
+/// syscall of the machine (and put every syscall on the kernel's tracing path): attached only
+/// with --syscall-timing, for specific processes.
 const THREAD_PROGRAMS: &[(&str, Hook)] = &[
     ("observer_tp_sys_enter", Hook::Tracepoint("sys_enter")),
     ("observer_tp_sys_exit", Hook::Tracepoint("sys_exit")),
@@ -220,6 +221,9 @@ pub struct LoadOptions {
     /// Record calls only for these processes (all processes when empty).
     pub pids: Vec<u32>,
     pub max_sockets: u32,
+    /// Time the watched processes' socket syscalls per thread (needs `pids`). This hooks every
+    /// syscall of the machine, so it is asked for, not default.
+    pub syscall_timing: bool,
 }
 
 /// Loaded and attached programs plus handles on their maps. Dropping it detaches everything.
@@ -230,6 +234,8 @@ pub struct Probes {
     /// Socket cookie -> activity; read in batches (see `activity`).
     sockets: MapData,
     socket_capacity: u32,
+    /// Entries at the last read, to size the next one.
+    last_entries: std::cell::Cell<usize>,
     program_names: Vec<&'static str>,
     counters: PerCpuArray<MapData, u64>,
     thread_calls: HashMap<MapData, u32, ThreadCall>,
@@ -285,7 +291,7 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }
-        let tracks_threads = !options.pids.is_empty();
+        let tracks_threads = options.syscall_timing && !options.pids.is_empty();
         let (programs, notes) = plan(backend, btf, tracks_threads);
         for (_, hook) in &programs {
             if let Hook::Tracepoint(name) = hook
@@ -295,12 +301,18 @@ impl Probes {
             }
         }
         let offsets = kernel_offsets(btf)?;
-        let filter_pids = u32::from(tracks_threads);
+        // The first INLINE_PIDS are compared inline by the probes; the rest via WATCHED_PIDS.
+        let filter_pids = options.pids.len() as u32;
+        let mut inline = [0u32; observer_common::INLINE_PIDS];
+        for (slot, pid) in inline.iter_mut().zip(&options.pids) {
+            *slot = *pid;
+        }
 
         let mut ebpf = EbpfLoader::new()
             .btf(Some(aya_btf))
             .override_global("OFFSETS", &offsets, true)
             .override_global("FILTER_PIDS", &filter_pids, true)
+            .override_global("WATCHED", &inline, true)
             .map_max_entries("SOCKETS", options.max_sockets)
             .load(OBJECT)
             .map_err(|e| {
@@ -342,6 +354,7 @@ impl Probes {
             notes,
             sockets,
             socket_capacity: options.max_sockets,
+            last_entries: std::cell::Cell::new(0),
             program_names: programs.iter().map(|(name, _)| *name).collect(),
             counters: take_map(&mut ebpf, "COUNTERS")?,
             thread_calls: take_map(&mut ebpf, "THREAD_CALLS")?,
@@ -361,21 +374,32 @@ impl Probes {
         &self.notes
     }
 
+    /// Whether this backend times threads inside TCP sends and receives itself.
+    pub fn times_calls(&self) -> bool {
+        self.backend != Backend::Tracepoint
+    }
+
     /// Whether per-thread syscall timing (blocked_ms in read/write, accept errors) is recorded.
     pub fn tracks_threads(&self) -> bool {
         self.tracks_threads
     }
 
     /// Every tracked socket's activity, by cookie.
-    pub fn activity(&self) -> crate::fastmap::FastMap<u64, SockActivity> {
+    pub fn activity(&self) -> crate::fastmap::FastMap<u64, crate::snapshot::Activity> {
         use std::os::fd::AsFd;
-        match crate::kernel::bpf_batch::read_all::<u64, SockActivity>(self.sockets.fd().as_fd()) {
-            Ok(entries) => entries.into_iter().collect(),
-            Err(e) => {
-                log::warn!("reading the socket activity map failed: {e}");
-                Default::default()
-            }
+        let mut activity = crate::fastmap::FastMap::default();
+        activity.reserve(self.last_entries.get());
+        let read = crate::kernel::bpf_batch::for_each::<u64, SockActivity>(
+            self.sockets.fd().as_fd(),
+            |cookie, a| {
+                activity.insert(cookie, crate::snapshot::Activity::from(&a));
+            },
+        );
+        if let Err(e) = read {
+            log::warn!("reading the socket activity map failed: {e}");
         }
+        self.last_entries.set(activity.len());
+        activity
     }
 
     /// The socket activity map's capacity (`--max-sockets`).

@@ -40,6 +40,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    // Installed before anything is loaded, so a stop request that arrives while the probes load
+    // still ends in a clean `stopped` instead of the default action killing the agent.
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let policy = match &args.config {
         Some(path) => Policy::from_file(path)?,
         None => Policy::default(),
@@ -52,7 +57,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     system::raise_memlock_limit();
     let btf = Btf::from_kernel()?;
     let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
-    let options = LoadOptions { pids: pids.clone(), max_sockets: args.max_sockets };
+    let options = LoadOptions {
+        pids: pids.clone(),
+        max_sockets: args.max_sockets,
+        syscall_timing: args.syscall_timing,
+    };
     let (probes, skipped) = Probes::load_best(args.probes, &options, &btf)?;
     // Only loading needs the kernel's type information: several megabytes, freed now.
     drop(btf);
@@ -98,7 +107,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         ports: args.ports.clone(),
         kernel: system::kernel_release(),
         poll_interval_ms: args.poll_interval.as_millis() as u64,
-        thread_timing: watch.probes.tracks_threads(),
+        call_timing: watch.probes.times_calls(),
+        syscall_timing: watch.probes.tracks_threads(),
         config: args.config.as_ref().map(|p| p.display().to_string()),
         thresholds: watch.detector.policy().base().into(),
     }))?;
@@ -109,9 +119,6 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         watch.probes.backend().name()
     );
 
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut ticks = tokio::time::interval(args.poll_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_stats = Instant::now();

@@ -153,8 +153,10 @@ fn slow_loris_client_is_a_slow_transfer() {
 #[test]
 fn peer_that_stops_reading_blocks_the_server_in_write() {
     let mut server = Server::start(&["--mode", "stream"]);
-    let mut agent =
-        start_agent(&[server.pid], &["--blocked-timeout", "2s", "--stats-interval", "200ms"]);
+    let mut agent = start_agent(
+        &[server.pid],
+        &["--blocked-timeout", "2s", "--stats-interval", "200ms", "--syscall-timing"],
+    );
     let (stuck, accepted) = server.connect();
     let (reader, _) = server.connect();
     let (stuck_addr, reader_addr) = (remote_of(&stuck), remote_of(&reader));
@@ -422,7 +424,9 @@ fn silent_remote_connection_without_keepalive_will_be_dropped_by_a_middlebox() {
 fn process_running_out_of_fds_is_fd_pressure() {
     let mut starved = Server::start(&["--nofile", "32"]);
     let roomy = Server::start(&[]);
-    let mut agent = start_agent(&[starved.pid, roomy.pid], &["--stats-interval", "200ms"]);
+    // accept() failures are counted by the syscall probes.
+    let mut agent =
+        start_agent(&[starved.pid, roomy.pid], &["--stats-interval", "200ms", "--syscall-timing"]);
     let mut clients: Vec<TcpStream> =
         (0..40).map(|_| TcpStream::connect(starved.addr).unwrap()).collect();
     let roomy_clients: Vec<TcpStream> =

@@ -16,7 +16,8 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 fn start_agent(pid: u32, extra: &[&str]) -> Agent {
     let timeout = format!("{IDLE_TIMEOUT_MS}ms");
-    let mut args = vec!["--idle-timeout", timeout.as_str()];
+    // The idle alerts here check blocked_ms, which the tracepoint backend measures per syscall.
+    let mut args = vec!["--idle-timeout", timeout.as_str(), "--syscall-timing"];
     args.extend_from_slice(extra);
     observer_tests::start_agent(&[pid], &args)
 }
