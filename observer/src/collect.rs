@@ -18,7 +18,7 @@ use crate::{
     fastmap::{FastMap, FastSet},
     kernel::{
         netns,
-        sock_diag::{DiagSocketHandle, Extensions, PortFilter},
+        sock_diag::{DiagSocket, DiagSocketHandle, Extensions, PortFilter},
     },
     probes::Probes,
     procfs::{self, FdCache, Owner},
@@ -34,6 +34,9 @@ const CONNECTION_STATES: u32 = ((1 << 12) - 2) & !(1 << 6) & !LISTEN_STATES;
 /// From this many sockets on, the connection dump is split in two and run on two threads: the
 /// kernel's cost is mostly filling in each socket, and that half is divided.
 const PARALLEL_DUMP_FROM: usize = 20_000;
+/// Records per hand-off from the second dump thread: few enough to stay small in memory, many
+/// enough that the channel costs nothing next to the dump.
+const HANDOFF_BATCH: usize = 512;
 
 pub struct Collector {
     /// One sock_diag socket per watched network namespace.
@@ -52,6 +55,9 @@ pub struct Collector {
     listen_ports: Vec<u16>,
     /// Sockets in scope at the last poll, to size the next one's buffer.
     last_count: usize,
+    /// The last snapshot's socket buffer, emptied, for the next poll to fill: a big table is
+    /// then neither reallocated nor faulted in again every poll.
+    spare: Vec<SocketView>,
 }
 
 impl Collector {
@@ -83,6 +89,7 @@ impl Collector {
             fd_cache: FdCache::default(),
             listen_ports: Vec::new(),
             last_count: 0,
+            spare: Vec::new(),
         })
     }
 
@@ -111,12 +118,24 @@ impl Collector {
         }
     }
 
+    /// Takes back a finished snapshot's socket buffer for the next poll.
+    pub fn recycle(&mut self, snapshot: Snapshot) {
+        let mut sockets = snapshot.into_sockets();
+        sockets.clear();
+        self.spare = sockets;
+    }
+
     /// The socket table of every watched namespace, as snapshot records still to be joined.
     fn dump(&mut self) -> anyhow::Result<Vec<SocketView>> {
         let filter = self.connection_filter();
         let parallel = self.last_count >= PARALLEL_DUMP_FROM;
         // Room for what the last poll saw: growing by doubling would leave up to half unused.
-        let mut sockets = Vec::with_capacity(self.last_count + self.last_count / 32 + 64);
+        let room = self.last_count + self.last_count / 32 + 64;
+        let mut sockets = std::mem::take(&mut self.spare);
+        if sockets.capacity() > 2 * room {
+            sockets = Vec::new(); // the table shrank a lot: give the memory back
+        }
+        sockets.reserve(room);
         let split = u32::from(self.split_port);
         for (&netns, handle) in &mut self.namespaces {
             let view = |diag| SocketView { diag, netns, owner: None, activity: None };
@@ -154,23 +173,44 @@ impl Collector {
                 })
             };
             let (low, high) = (half(0, split), half(split as u16, 65536));
-            // The other half arrives as bare kernel records (smaller than snapshot records),
-            // moved into `sockets` afterwards: its capacity was reserved for both.
-            let mut upper = Vec::with_capacity(self.last_count / 2 + self.last_count / 32 + 64);
+            // The helper's records come over in small batches that this thread appends as it
+            // goes, so the other half is never held twice (once as records, once as views).
+            let (batches, arrivals) = std::sync::mpsc::sync_channel::<Vec<DiagSocket>>(64);
+            let take = |sockets: &mut Vec<SocketView>, batch: Vec<DiagSocket>| {
+                sockets.extend(batch.into_iter().map(view));
+            };
             let (mine, theirs) = std::thread::scope(|scope| {
-                let theirs = scope.spawn(|| {
-                    helper.dump_each(CONNECTION_STATES, Extensions::INFO, high.as_ref(), |d| {
-                        upper.push(d)
-                    })
+                let theirs = scope.spawn(move || {
+                    let mut batch = Vec::with_capacity(HANDOFF_BATCH);
+                    let result =
+                        helper.dump_each(CONNECTION_STATES, Extensions::INFO, high.as_ref(), |d| {
+                            batch.push(d);
+                            if batch.len() == HANDOFF_BATCH {
+                                let full = std::mem::replace(
+                                    &mut batch,
+                                    Vec::with_capacity(HANDOFF_BATCH),
+                                );
+                                // The receiver lives until this thread is joined.
+                                let _ = batches.send(full);
+                            }
+                        });
+                    let _ = batches.send(batch);
+                    result
                 });
                 let mine =
                     handle.dump_each(CONNECTION_STATES, Extensions::INFO, low.as_ref(), |d| {
-                        sockets.push(view(d))
+                        sockets.push(view(d));
+                        while let Ok(batch) = arrivals.try_recv() {
+                            take(&mut sockets, batch);
+                        }
                     });
+                // The rest, until the helper hangs up.
+                for batch in arrivals.iter() {
+                    take(&mut sockets, batch);
+                }
                 (mine, theirs.join().expect("dump thread"))
             });
             mine.and(theirs).context("reading the TCP socket table")?;
-            sockets.extend(upper.into_iter().map(view));
         }
         Ok(sockets)
     }
@@ -190,10 +230,6 @@ impl Collector {
         };
         let fds = self.fd_cache.scan(pids.as_deref(), &present);
         phases.mark("fd scan");
-        let activity = probes.activity();
-        let map_entries = activity.len();
-        phases.mark("probe map");
-
         let mut listen_ports = Vec::new();
         sockets.retain_mut(|socket| {
             let diag = &socket.diag;
@@ -209,7 +245,6 @@ impl Collector {
             if diag.state == LISTEN {
                 listen_ports.push(diag.local.port());
             }
-            socket.activity = activity.get(&diag.cookie).copied();
             true
         });
         self.last_count = sockets.len();
@@ -274,9 +309,13 @@ impl Collector {
             if probes.tracks_threads() { probes.thread_calls() } else { HashMap::new() };
         let mut snapshot = Snapshot::new(taken_ns, sockets, processes, resets, thread_calls)
             .with_sock_calls(probes.sock_calls());
-        snapshot.map_entries = map_entries;
-        self.listen_ports = listen_ports;
         phases.mark("join");
+        // Streamed into the snapshot's sockets: a table of 100k entries would be built otherwise.
+        snapshot.map_entries = probes.for_each_activity(|cookie, activity| {
+            snapshot.set_activity(cookie, activity);
+        });
+        phases.mark("probe map");
+        self.listen_ports = listen_ports;
         phases.log();
         Ok(snapshot)
     }

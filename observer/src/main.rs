@@ -5,6 +5,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     // Usage errors exit 2 with clap's message and a pointer to --help.
     let cli = observer::cli::Cli::parse();
+    observer::system::map_large_allocations();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();

@@ -235,7 +235,6 @@ pub struct Probes {
     sockets: MapData,
     socket_capacity: u32,
     /// Entries at the last read, to size the next one.
-    last_entries: std::cell::Cell<usize>,
     program_names: Vec<&'static str>,
     counters: PerCpuArray<MapData, u64>,
     thread_calls: HashMap<MapData, u32, ThreadCall>,
@@ -354,7 +353,6 @@ impl Probes {
             notes,
             sockets,
             socket_capacity: options.max_sockets,
-            last_entries: std::cell::Cell::new(0),
             program_names: programs.iter().map(|(name, _)| *name).collect(),
             counters: take_map(&mut ebpf, "COUNTERS")?,
             thread_calls: take_map(&mut ebpf, "THREAD_CALLS")?,
@@ -384,22 +382,22 @@ impl Probes {
         self.tracks_threads
     }
 
-    /// Every tracked socket's activity, by cookie.
-    pub fn activity(&self) -> crate::fastmap::FastMap<u64, crate::snapshot::Activity> {
+    /// Calls `each` with every tracked socket's cookie and activity, a batch at a time; returns
+    /// how many entries the map holds.
+    pub fn for_each_activity(&self, mut each: impl FnMut(u64, crate::snapshot::Activity)) -> usize {
         use std::os::fd::AsFd;
-        let mut activity = crate::fastmap::FastMap::default();
-        activity.reserve(self.last_entries.get());
+        let mut entries = 0;
         let read = crate::kernel::bpf_batch::for_each::<u64, SockActivity>(
             self.sockets.fd().as_fd(),
             |cookie, a| {
-                activity.insert(cookie, crate::snapshot::Activity::from(&a));
+                entries += 1;
+                each(cookie, crate::snapshot::Activity::from(&a));
             },
         );
         if let Err(e) = read {
             log::warn!("reading the socket activity map failed: {e}");
         }
-        self.last_entries.set(activity.len());
-        activity
+        entries
     }
 
     /// The socket activity map's capacity (`--max-sockets`).

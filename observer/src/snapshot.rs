@@ -117,6 +117,23 @@ impl Snapshot {
         self
     }
 
+    /// Records what the probes saw about the socket `cookie`, if it is in this snapshot; returns
+    /// whether it is. Lets the probe map stream in without a second table of every socket.
+    pub fn set_activity(&mut self, cookie: u64, activity: Activity) -> bool {
+        match self.by_cookie.get(&cookie) {
+            Some(&i) => {
+                self.sockets[i].activity = Some(activity);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The socket records, for reuse of their buffer.
+    pub fn into_sockets(self) -> Vec<SocketView> {
+        self.sockets
+    }
+
     pub fn find(&self, cookie: u64) -> Option<&SocketView> {
         self.by_cookie.get(&cookie).map(|&i| &self.sockets[i])
     }
@@ -346,5 +363,15 @@ mod tests {
         assert_eq!(s.last_send_ms(NOW_NS), Some(5000), "kernel sent more recently than the app");
         assert_eq!(s.last_recv_ms(NOW_NS), Some(200), "the app read more recently");
         assert_eq!(s.idle_ms(NOW_NS), Some(200));
+    }
+
+    #[test]
+    fn streamed_activity_lands_on_its_socket_only() {
+        let mut snap = snapshot(vec![socket(1, 1, 0, 0), socket(2, 1, 0, 0)]);
+        let seen = Activity { last_tid: 42, ..Activity::default() };
+        assert!(snap.set_activity(2, seen));
+        assert!(!snap.set_activity(3, seen), "a socket outside the snapshot is skipped");
+        assert_eq!(snap.find(1).unwrap().activity, None);
+        assert_eq!(snap.find(2).unwrap().activity, Some(seen));
     }
 }

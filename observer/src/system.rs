@@ -89,6 +89,17 @@ pub fn mount_tracefs() -> nix::Result<()> {
     )
 }
 
+/// Serves every allocation of 1 MiB or more with its own mapping. The poll's big tables then grow
+/// by mremap (no copy, so never held twice) and go back to the system when freed; glibc's
+/// default would move ever larger ones onto the heap, where growth copies and frees linger.
+pub fn map_large_allocations() {
+    // SAFETY: mallopt only changes a setting of the allocator; called before any threads start.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Returns freed heap memory to the operating system (glibc keeps it mapped otherwise).
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists.

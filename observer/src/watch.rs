@@ -243,6 +243,7 @@ impl<W: Write> Watch<W> {
                 self.emit(Event::Action(action))?;
             }
         }
+        collector.recycle(snapshot);
         Ok(())
     }
 
