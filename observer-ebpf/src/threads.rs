@@ -60,6 +60,8 @@ pub fn enter(regs: *const u8, nr: i64) {
 pub fn exit(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Every syscall of the machine ends here: rule other processes out before any map lookup.
+    // (The syscall programs are attached only when pids are given, so is_watched, which is
+    // false for everyone without a pid list, is the complete check.)
     if !activity::is_watched((pid_tgid >> 32) as u32) {
         return;
     }

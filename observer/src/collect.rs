@@ -45,6 +45,8 @@ pub struct Collector {
     /// open it there.
     helpers: BTreeMap<netns::NetnsId, DiagSocketHandle>,
     namespace_pids: BTreeMap<netns::NetnsId, Option<u32>>,
+    /// Namespaces where that second socket could not be opened (reported once).
+    helper_failed: std::collections::BTreeSet<netns::NetnsId>,
     /// The remote port that splits the last poll's connections in halves.
     split_port: u16,
     /// Watched processes; `None` watches every socket in the agent's own namespace.
@@ -53,7 +55,7 @@ pub struct Collector {
     fd_cache: FdCache,
     /// The watched processes' listening ports, as of the last poll.
     listen_ports: Vec<u16>,
-    /// Sockets in scope at the last poll, to size the next one's buffer.
+    /// Sockets the last dump returned, to size the next one's buffer.
     last_count: usize,
     /// The last snapshot's socket buffer, emptied, for the next poll to fill: a big table is
     /// then neither reallocated nor faulted in again every poll.
@@ -84,6 +86,7 @@ impl Collector {
             helpers: BTreeMap::new(),
             namespace_pids,
             split_port: 32768,
+            helper_failed: Default::default(),
             pids: (!pids.is_empty()).then(|| pids.to_vec()),
             ports: ports.to_vec(),
             fd_cache: FdCache::default(),
@@ -135,7 +138,7 @@ impl Collector {
         if sockets.capacity() > 2 * room {
             sockets = Vec::new(); // the table shrank a lot: give the memory back
         }
-        sockets.reserve(room);
+        sockets.reserve_exact(room);
         let split = u32::from(self.split_port);
         for (&netns, handle) in &mut self.namespaces {
             let view = |diag| SocketView { diag, netns, owner: None, activity: None };
@@ -146,12 +149,23 @@ impl Collector {
             let helper = if parallel {
                 match self.helpers.entry(netns) {
                     Entry::Occupied(h) => Some(h.into_mut()),
+                    Entry::Vacant(_) if self.helper_failed.contains(&netns) => None,
                     Entry::Vacant(slot) => {
                         let opened = match self.namespace_pids.get(&netns).copied().flatten() {
                             Some(pid) => netns::diag_socket_in(pid),
                             None => DiagSocketHandle::open(),
                         };
-                        opened.ok().map(|h| slot.insert(h))
+                        match opened {
+                            Ok(h) => Some(slot.insert(h)),
+                            Err(e) => {
+                                log::warn!(
+                                    "big socket tables will be read on one thread: cannot open a \
+                                     second sock_diag socket: {e:#}"
+                                );
+                                self.helper_failed.insert(netns);
+                                None
+                            }
+                        }
                     }
                 }
             } else {
@@ -175,11 +189,13 @@ impl Collector {
             let (low, high) = (half(0, split), half(split as u16, 65536));
             // The helper's records come over in small batches that this thread appends as it
             // goes, so the other half is never held twice (once as records, once as views).
-            let (batches, arrivals) = std::sync::mpsc::sync_channel::<Vec<DiagSocket>>(64);
             let take = |sockets: &mut Vec<SocketView>, batch: Vec<DiagSocket>| {
                 sockets.extend(batch.into_iter().map(view));
             };
             let (mine, theirs) = std::thread::scope(|scope| {
+                // Created in the scope, so that were this thread to panic, the receiver would go
+                // with it and a helper blocked on a full channel would not hang the scope.
+                let (batches, arrivals) = std::sync::mpsc::sync_channel::<Vec<DiagSocket>>(64);
                 let theirs = scope.spawn(move || {
                     let mut batch = Vec::with_capacity(HANDOFF_BATCH);
                     let result =
@@ -211,6 +227,22 @@ impl Collector {
                 (mine, theirs.join().expect("dump thread"))
             });
             mine.and(theirs).context("reading the TCP socket table")?;
+        }
+        // Sized by what the kernel returned (before the scope filter): that is what the next
+        // dump fills and what splitting it in two divides.
+        self.last_count = sockets.len();
+        if sockets.len() >= PARALLEL_DUMP_FROM {
+            let mut remote: Vec<u16> = sockets
+                .iter()
+                .filter(|s| s.diag.state != LISTEN)
+                .map(|s| s.diag.remote.port())
+                .collect();
+            let middle = remote.len() / 2;
+            if let Some((_, &mut median, _)) =
+                (middle < remote.len()).then(|| remote.select_nth_unstable(middle))
+            {
+                self.split_port = median.max(1);
+            }
         }
         Ok(sockets)
     }
@@ -247,20 +279,6 @@ impl Collector {
             }
             true
         });
-        self.last_count = sockets.len();
-        if sockets.len() >= PARALLEL_DUMP_FROM {
-            let mut remote: Vec<u16> = sockets
-                .iter()
-                .filter(|s| s.diag.state != LISTEN)
-                .map(|s| s.diag.remote.port())
-                .collect();
-            let middle = remote.len() / 2;
-            if let Some((_, &mut median, _)) =
-                (middle < remote.len()).then(|| remote.select_nth_unstable(middle))
-            {
-                self.split_port = median.max(1);
-            }
-        }
         listen_ports.sort_unstable();
         listen_ports.dedup();
         let accept_errors = probes.tracks_threads().then(|| probes.accept_errors());
@@ -311,9 +329,11 @@ impl Collector {
             .with_sock_calls(probes.sock_calls());
         phases.mark("join");
         // Streamed into the snapshot's sockets: a table of 100k entries would be built otherwise.
-        snapshot.map_entries = probes.for_each_activity(|cookie, activity| {
-            snapshot.set_activity(cookie, activity);
-        });
+        snapshot.map_entries = probes
+            .for_each_activity(|cookie, activity| {
+                snapshot.set_activity(cookie, activity);
+            })
+            .context("reading the probes' socket map")?;
         phases.mark("probe map");
         self.listen_ports = listen_ports;
         phases.log();

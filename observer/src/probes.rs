@@ -383,21 +383,22 @@ impl Probes {
     }
 
     /// Calls `each` with every tracked socket's cookie and activity, a batch at a time; returns
-    /// how many entries the map holds.
-    pub fn for_each_activity(&self, mut each: impl FnMut(u64, crate::snapshot::Activity)) -> usize {
+    /// how many entries the map holds. A failed read fails the poll: half the activity would
+    /// make tracked sockets look idle.
+    pub fn for_each_activity(
+        &self,
+        mut each: impl FnMut(u64, crate::snapshot::Activity),
+    ) -> std::io::Result<usize> {
         use std::os::fd::AsFd;
         let mut entries = 0;
-        let read = crate::kernel::bpf_batch::for_each::<u64, SockActivity>(
+        crate::kernel::bpf_batch::for_each::<u64, SockActivity>(
             self.sockets.fd().as_fd(),
             |cookie, a| {
                 entries += 1;
                 each(cookie, crate::snapshot::Activity::from(&a));
             },
-        );
-        if let Err(e) = read {
-            log::warn!("reading the socket activity map failed: {e}");
-        }
-        entries
+        )?;
+        Ok(entries)
     }
 
     /// The socket activity map's capacity (`--max-sockets`).
