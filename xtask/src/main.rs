@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask <command>`. Each command first sets up what it needs, so a
 //! fresh machine goes from clone to running agent or passing tests with one command.
+mod bench;
 mod cpio;
 mod setup;
 mod vm;
@@ -18,6 +19,12 @@ usage: cargo xtask <command>
   build            setup, then build target/release/observer (BPF programs embedded)
   run -- ARGS      build, then run target/release/observer ARGS (as root)
   test             setup, lint, unit tests, build, the privileged integration tests, then vm-test
+  bench [--smoke] [--only PART]
+                   measure every performance figure against its baseline measured in the same
+                   run (hot-path overhead, per-event cost, detection latency, churn, poll cost
+                   and memory at 10k-100k connections) and write docs/benchmarks.md (~6 min).
+                   --smoke: toy sizes, seconds (CI). --only hot-path|per-event|latency|scale|churn:
+                   one part, report not written
   vm-test          boot a Debian 6.1 kernel under qemu and run the scenarios under every probe
                    backend there (fentry and kprobe do not work on this machine's kernel);
                    updates README.md's kernel support table";
@@ -30,6 +37,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(),
         Some("vm-test") => vm_test(false),
+        Some("bench") => bench::Options::parse(&args[1..]).and_then(bench),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -108,6 +116,8 @@ fn test() -> Result<()> {
         cargo(&["test", "--release", "--package", "observer-tests"]).env("OBSERVER_BIN", &binary),
     )?;
     vm_test(true)?;
+    // The long benchmark is not for CI; its harness is, at toy sizes.
+    bench::run(bench::Options { smoke: true, only: None })?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }
@@ -136,4 +146,13 @@ fn nix_is_root() -> bool {
                 .map(|u| u.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+fn bench(opts: bench::Options) -> Result<()> {
+    if !nix_is_root() {
+        bail!("the benchmark loads BPF programs and needs root: run `sudo -E cargo xtask bench`");
+    }
+    build()?;
+    status(&mut cargo(&["build", "--release", "--package", "observer-tests", "--bins"]))?;
+    bench::run(opts)
 }

@@ -28,6 +28,10 @@ enum Cmd {
     HoldServer {
         #[arg(long)]
         connections: usize,
+        /// Read one byte from each connection (sent by `hold-clients --touch`), so the agent's
+        /// probes have recorded every one of them.
+        #[arg(long)]
+        touch: bool,
     },
     /// Open N idle connections to ADDR and hold them. Source addresses rotate over
     /// 127.0.0.2.. so ephemeral ports never run out.
@@ -36,6 +40,9 @@ enum Cmd {
         connect: SocketAddr,
         #[arg(long)]
         connections: usize,
+        /// Send one byte on each connection once connected.
+        #[arg(long)]
+        touch: bool,
     },
     /// Request/response on C keep-alive connections as fast as the server answers, for a
     /// duration: prints requests per second and latency percentiles.
@@ -135,7 +142,7 @@ fn connect_from(n: usize, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 fn main() {
     match Cli::parse().command {
-        Cmd::HoldServer { connections } => {
+        Cmd::HoldServer { connections, touch } => {
             raise_fd_limit();
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             // SAFETY: listen(2) on our socket: a deep backlog so connecting clients never wait.
@@ -143,17 +150,28 @@ fn main() {
             print(
                 json!({"event": "listening", "pid": std::process::id(), "local": listener.local_addr().unwrap().to_string()}),
             );
-            let held: Vec<TcpStream> =
+            let mut held: Vec<TcpStream> =
                 (0..connections).map(|_| listener.accept().unwrap().0).collect();
+            if touch {
+                let mut byte = [0u8; 1];
+                for conn in &mut held {
+                    conn.read_exact(&mut byte).unwrap();
+                }
+            }
             print(json!({"event": "ready", "held": held.len()}));
             loop {
                 thread::park();
             }
         }
-        Cmd::HoldClients { connect, connections } => {
+        Cmd::HoldClients { connect, connections, touch } => {
             raise_fd_limit();
-            let held: Vec<TcpStream> =
+            let mut held: Vec<TcpStream> =
                 (0..connections).map(|n| connect_from(n, connect).unwrap()).collect();
+            if touch {
+                for conn in &mut held {
+                    conn.write_all(b"t").unwrap();
+                }
+            }
             print(json!({"event": "ready", "held": held.len()}));
             loop {
                 thread::park();
