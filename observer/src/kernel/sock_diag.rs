@@ -12,6 +12,9 @@ use thiserror::Error;
 use super::tcp_info::TcpInfo;
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
+/// The original inet_diag request: one dump covers both address families (the kernel walks
+/// its socket table once instead of once per family).
+const TCPDIAG_GETSOCK: u16 = 18;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const NLMSG_ERROR: u16 = 2;
@@ -28,6 +31,8 @@ const SK_MEMINFO_DROPS: usize = 8;
 const NLMSG_HDR_LEN: usize = 16;
 const SOCKID_LEN: usize = 48;
 const REQ_LEN: usize = 8 + SOCKID_LEN;
+/// struct inet_diag_req: family, src_len, dst_len, ext, the socket id, states, dbs.
+const COMPAT_REQ_LEN: usize = 4 + SOCKID_LEN + 8;
 const DIAG_MSG_LEN: usize = 4 + SOCKID_LEN + 20;
 
 #[derive(Debug, Error)]
@@ -135,6 +140,8 @@ pub struct SockId {
 pub struct DiagSocketHandle {
     fd: OwnedFd,
     seq: u32,
+    /// Whether the kernel takes TCPDIAG_GETSOCK dumps; if not, each family is dumped apart.
+    both_families_at_once: bool,
 }
 
 impl DiagSocketHandle {
@@ -146,7 +153,7 @@ impl DiagSocketHandle {
         if raw < 0 {
             return Err(DiagError::Open(io::Error::last_os_error()));
         }
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) }, seq: 0 })
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) }, seq: 0, both_families_at_once: true })
     }
 
     /// All TCP sockets of both address families whose state is in `states` (a bit per state),
@@ -178,14 +185,39 @@ impl DiagSocketHandle {
         filter: Option<&PortFilter>,
         mut each: impl FnMut(DiagSocket),
     ) -> Result<(), DiagError> {
-        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            let mut request = encode_request(family, states, extensions, None);
-            if let Some(filter) = filter {
-                let code = filter.bytecode();
+        let bytecode = filter.map(|f| f.bytecode());
+        let with_filter = |mut request: Vec<u8>| {
+            if let Some(code) = &bytecode {
                 request.extend_from_slice(&((4 + code.len()) as u16).to_ne_bytes());
                 request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-                request.extend_from_slice(&code);
+                request.extend_from_slice(code);
             }
+            request
+        };
+        if self.both_families_at_once {
+            let request = with_filter(encode_compat_request(states, extensions));
+            self.send(TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, &request)?;
+            let mut delivered = false;
+            let result = self.receive(|msg_type, payload| {
+                if msg_type == TCPDIAG_GETSOCK {
+                    delivered = true;
+                    each(parse_diag_msg(payload)?);
+                }
+                Ok(())
+            });
+            match result {
+                // A kernel without the old interface refuses before sending anything.
+                Err(DiagError::Io(e)) if !delivered && e.raw_os_error().is_some() => {
+                    log::debug!(
+                        "sock_diag: one dump for both families refused ({e}); dumping each"
+                    );
+                    self.both_families_at_once = false;
+                }
+                other => return other.map_err(no_tcp_diag),
+            }
+        }
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let request = with_filter(encode_request(family, states, extensions, None));
             self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request)?;
             self.receive(|msg_type, payload| {
                 if msg_type == SOCK_DIAG_BY_FAMILY {
@@ -193,13 +225,7 @@ impl DiagSocketHandle {
                 }
                 Ok(())
             })
-            .map_err(|e| match e {
-                // A dump only fails this way when no handler for TCP is registered.
-                DiagError::Io(io) if io.raw_os_error() == Some(libc::ENOENT) => {
-                    DiagError::NoTcpDiag
-                }
-                other => other,
-            })?;
+            .map_err(no_tcp_diag)?;
         }
         Ok(())
     }
@@ -447,6 +473,25 @@ fn encode_request(family: u8, states: u32, extensions: Extensions, id: Option<&S
     req
 }
 
+fn encode_compat_request(states: u32, extensions: Extensions) -> Vec<u8> {
+    let mut req = Vec::with_capacity(COMPAT_REQ_LEN);
+    // Family (ignored by the kernel for dumps), source and destination prefix lengths.
+    req.extend_from_slice(&[libc::AF_INET as u8, 0, 0]);
+    req.push(extensions.0);
+    req.resize(4 + SOCKID_LEN, 0);
+    req.extend_from_slice(&states.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req
+}
+
+/// A dump only fails with ENOENT when no handler for TCP is registered.
+fn no_tcp_diag(e: DiagError) -> DiagError {
+    match e {
+        DiagError::Io(io) if io.raw_os_error() == Some(libc::ENOENT) => DiagError::NoTcpDiag,
+        other => other,
+    }
+}
+
 fn encode_sockid(out: &mut Vec<u8>, id: &SockId) {
     out.extend_from_slice(&id.local.port().to_be_bytes());
     out.extend_from_slice(&id.remote.port().to_be_bytes());
@@ -661,5 +706,13 @@ mod tests {
         assert_eq!(req.len(), REQ_LEN);
         assert_eq!(&req[8 + 40..8 + 44], &0x0011_2233u32.to_ne_bytes());
         assert_eq!(&req[8 + 44..8 + 48], &0xAABB_CCDDu32.to_ne_bytes());
+    }
+
+    #[test]
+    fn compat_request_is_struct_inet_diag_req() {
+        let req = encode_compat_request(1 << 1, Extensions::INFO);
+        assert_eq!(req.len(), COMPAT_REQ_LEN);
+        assert_eq!(req[3], Extensions::INFO.0);
+        assert_eq!(&req[4 + SOCKID_LEN..4 + SOCKID_LEN + 4], &2u32.to_ne_bytes());
     }
 }
