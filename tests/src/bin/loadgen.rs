@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Accept N connections on one listening port and hold them, idle. Prints `listening`,
-    /// then `ready` once all are accepted.
+    /// then `ready` once all are accepted. Held connections are reset when closed.
     HoldServer {
         #[arg(long)]
         connections: usize,
@@ -34,7 +34,7 @@ enum Cmd {
         touch: bool,
     },
     /// Open N idle connections to ADDR and hold them. Source addresses rotate over
-    /// 127.0.0.2.. so ephemeral ports never run out.
+    /// 127.0.0.2.. so ephemeral ports never run out. Held connections are reset when closed.
     HoldClients {
         #[arg(long)]
         connect: SocketAddr,
@@ -97,6 +97,24 @@ fn raise_fd_limit() {
     }
 }
 
+/// Makes closing `conn` (at exit, too) reset it rather than leave it in TIME_WAIT, so held
+/// connections leave nothing in the socket table once their holder is gone: the next
+/// measurement walks only its own connections.
+fn reset_on_close(conn: TcpStream) -> TcpStream {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket we own, with a valid struct linger.
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        );
+    }
+    conn
+}
+
 /// Connects from 127.0.0.`(2 + n % 8)` so that 8 source addresses share the load.
 fn connect_from(n: usize, to: SocketAddr) -> std::io::Result<TcpStream> {
     let source = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2 + (n % 8) as u8), 0);
@@ -151,7 +169,7 @@ fn main() {
                 json!({"event": "listening", "pid": std::process::id(), "local": listener.local_addr().unwrap().to_string()}),
             );
             let mut held: Vec<TcpStream> =
-                (0..connections).map(|_| listener.accept().unwrap().0).collect();
+                (0..connections).map(|_| reset_on_close(listener.accept().unwrap().0)).collect();
             if touch {
                 let mut byte = [0u8; 1];
                 for conn in &mut held {
@@ -165,8 +183,9 @@ fn main() {
         }
         Cmd::HoldClients { connect, connections, touch } => {
             raise_fd_limit();
-            let mut held: Vec<TcpStream> =
-                (0..connections).map(|n| connect_from(n, connect).unwrap()).collect();
+            let mut held: Vec<TcpStream> = (0..connections)
+                .map(|n| reset_on_close(connect_from(n, connect).unwrap()))
+                .collect();
             if touch {
                 for conn in &mut held {
                     conn.write_all(b"t").unwrap();
