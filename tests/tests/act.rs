@@ -31,6 +31,22 @@ fn kill(args: &[&str]) -> (Option<i32>, Value) {
     (code, lines[0].clone())
 }
 
+/// `observer kill` of the server's end of `client`'s connection, named by its addresses.
+fn kill_by_addresses(
+    server: &Server,
+    accepted: &Value,
+    client: &TcpStream,
+) -> (Option<i32>, Value) {
+    kill(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--local",
+        accepted["local"].as_str().unwrap(),
+        "--remote",
+        &remote_of(client),
+    ])
+}
+
 /// The cookie of the server side of `client`'s connection, from an idle alert.
 fn server_cookie(agent: &mut Agent, client: &TcpStream) -> String {
     let remote = remote_of(client);
@@ -70,14 +86,7 @@ fn client_sees(client: &mut TcpStream) -> std::io::Result<usize> {
 fn destroy_unblocks_a_thread_blocked_in_read_and_resets_the_client() {
     let mut server = Server::start(&[]);
     let (mut client, accepted) = server.connect();
-    let (code, action) = kill(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--local",
-        accepted["local"].as_str().unwrap(),
-        "--remote",
-        &remote_of(&client),
-    ]);
+    let (code, action) = kill_by_addresses(&server, &accepted, &client);
     assert_eq!((code, action["result"].as_str()), (Some(0), Some("ok")), "{action}");
     assert_eq!(
         (action["action"].as_str(), action["dry_run"].as_bool()),
@@ -221,14 +230,7 @@ fn destroy_works_in_the_target_network_namespace() {
     let mut server = Server::start_in(Some(&net.server), &["--listen", &listen]);
     let mut client = net.connect(server.addr);
     let accepted = server.accepted(&client);
-    let (code, action) = kill(&[
-        "--pid",
-        &server.pid.to_string(),
-        "--local",
-        accepted["local"].as_str().unwrap(),
-        "--remote",
-        &remote_of(&client),
-    ]);
+    let (code, action) = kill_by_addresses(&server, &accepted, &client);
     assert_eq!((code, action["result"].as_str()), (Some(0), Some("ok")), "{action}");
     assert_eq!(closed(&mut server, &accepted)["errno"], ECONNABORTED);
     assert_eq!(
