@@ -55,7 +55,8 @@ pub struct JsonLines {
 }
 
 impl JsonLines {
-    fn new(stdout: ChildStdout, who: &'static str) -> Self {
+    /// Reads `stdout` of the program `who` (named in failures) on a thread of its own.
+    pub fn new(stdout: ChildStdout, who: &'static str) -> Self {
         let (tx, rx) = channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -232,6 +233,15 @@ impl Agent {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits for a `stats` line stamped after now: every poll before it has been judged. Needs
+    /// a short `--stats-interval`.
+    pub fn settle(&mut self, deadline: Duration) {
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        self.wait_for("stats after now", deadline, |v| {
+            v["event"] == "stats" && v["ts"].as_str().is_some_and(|ts| ts > now.as_str())
+        });
+    }
 }
 
 impl Drop for Agent {
@@ -395,6 +405,11 @@ pub fn start_agent(pids: &[u32], extra: &[&str]) -> Agent {
     Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// How the server names `client`'s connection's remote end: the client's own address.
+pub fn remote_of(client: &std::net::TcpStream) -> String {
+    client.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
 /// Whether `v` is an alert (or, with `event` = "alert_cleared", a clear) for `reason` on the
 /// connection whose remote end is `remote`.
 pub fn is_event_for(v: &Value, event: &str, reason: &str, remote: &str) -> bool {
@@ -412,40 +427,32 @@ pub fn run_observer(args: &[&str]) -> (Option<i32>, Vec<Value>, String) {
     (out.status.code(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// setsockopt(2) at SOL_SOCKET on `conn`, panicking with the error if the kernel refuses.
+pub fn set_socket_option<T>(conn: &impl std::os::fd::AsRawFd, name: i32, value: &T) {
+    // SAFETY: setsockopt on a live socket, with a value of the size passed that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt {name}: {}", std::io::Error::last_os_error());
+}
+
 /// Makes the peer on the other end of `conn` see this side vanish: every packet arriving at
 /// `conn` is dropped by a socket filter, so nothing is acknowledged any more. Works on loopback
 /// and needs no firewall.
 pub fn vanish(conn: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
     // One classic BPF instruction: BPF_RET | BPF_K with 0, "keep no bytes".
     let drop_all = [libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 }];
     let program = libc::sock_fprog { len: 1, filter: drop_all.as_ptr().cast_mut() };
-    // SAFETY: setsockopt with a valid filter program that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&raw const program).cast(),
-            size_of::<libc::sock_fprog>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "SO_ATTACH_FILTER: {}", std::io::Error::last_os_error());
+    set_socket_option(conn, libc::SO_ATTACH_FILTER, &program);
 }
 
 /// Undoes [`vanish`].
 pub fn reappear(conn: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let zero = 0i32;
-    // SAFETY: setsockopt on our own socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DETACH_FILTER,
-            (&raw const zero).cast(),
-            4,
-        )
-    };
-    assert_eq!(rc, 0, "SO_DETACH_FILTER: {}", std::io::Error::last_os_error());
+    set_socket_option(conn, libc::SO_DETACH_FILTER, &0i32);
 }

@@ -3,23 +3,19 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::TcpStream,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use observer_tests::{
     Agent, Server, as_u64, is_event_for,
     netns::{NetPair, SERVER_IP},
-    run_observer, start_agent,
+    remote_of, run_observer, start_agent,
 };
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(25);
 const ECONNABORTED: u64 = libc::ECONNABORTED as u64;
 const EPIPE: u64 = libc::EPIPE as u64;
-
-fn remote_of(client: &TcpStream) -> String {
-    client.local_addr().unwrap().to_string()
-}
 
 /// Runs `observer kill`, expecting exactly one `action` line, and returns it with the exit code.
 fn kill(args: &[&str]) -> (Option<i32>, Value) {
@@ -53,6 +49,25 @@ fn server_cookie(agent: &mut Agent, client: &TcpStream) -> String {
     let alert =
         agent.wait_for("idle alert", DEADLINE, |v| is_event_for(v, "alert", "idle", &remote));
     as_u64(&alert["cookie"]).to_string()
+}
+
+/// A server with one client gone quiet, and the agent that alerted it: the client, the
+/// server's `accepted` report, and the connection's cookie from the alert.
+struct IdleConnection {
+    server: Server,
+    /// Still watching: its alert was the source of `cookie`.
+    agent: Agent,
+    client: TcpStream,
+    accepted: Value,
+    cookie: String,
+}
+
+fn idle_connection() -> IdleConnection {
+    let mut server = Server::start(&[]);
+    let mut agent = start_agent(&[server.pid], &["--idle-timeout", "1s"]);
+    let (client, accepted) = server.connect();
+    let cookie = server_cookie(&mut agent, &client);
+    IdleConnection { server, agent, client, accepted, cookie }
 }
 
 fn closed(server: &mut Server, accepted: &Value) -> Value {
@@ -106,10 +121,7 @@ fn destroy_unblocks_a_thread_blocked_in_read_and_resets_the_client() {
 
 #[test]
 fn shutdown_unblocks_a_thread_blocked_in_read_with_eof_and_fins_the_client() {
-    let mut server = Server::start(&[]);
-    let mut agent = start_agent(&[server.pid], &["--idle-timeout", "1s"]);
-    let (mut client, accepted) = server.connect();
-    let cookie = server_cookie(&mut agent, &client);
+    let IdleConnection { mut server, mut agent, mut client, accepted, cookie } = idle_connection();
     let (code, action) =
         kill(&["--pid", &server.pid.to_string(), "--cookie", &cookie, "--mode", "shutdown"]);
     assert_eq!((code, action["result"].as_str()), (Some(0), Some("ok")), "{action}");
@@ -152,10 +164,8 @@ fn both_modes_unblock_a_thread_blocked_in_write_on_a_peer_that_does_not_read() {
 
 #[test]
 fn a_wrong_cookie_is_refused_and_the_connection_survives() {
-    let mut server = Server::start(&[]);
-    let mut agent = start_agent(&[server.pid], &["--idle-timeout", "1s"]);
-    let (mut client, accepted) = server.connect();
-    let cookie: u64 = server_cookie(&mut agent, &client).parse().unwrap();
+    let IdleConnection { server, mut client, accepted, cookie, .. } = idle_connection();
+    let cookie: u64 = cookie.parse().unwrap();
     let pid = server.pid.to_string();
     for mode in ["destroy", "shutdown"] {
         let wrong = (cookie + 1_000_000).to_string();
@@ -186,10 +196,7 @@ fn a_wrong_cookie_is_refused_and_the_connection_survives() {
 
 #[test]
 fn dry_run_checks_everything_and_changes_nothing() {
-    let mut server = Server::start(&[]);
-    let mut agent = start_agent(&[server.pid], &["--idle-timeout", "1s"]);
-    let (mut client, _) = server.connect();
-    let cookie = server_cookie(&mut agent, &client);
+    let IdleConnection { server, mut client, cookie, .. } = idle_connection();
     for mode in ["destroy", "shutdown"] {
         let (code, action) = kill(&[
             "--pid",
@@ -239,32 +246,18 @@ fn destroy_works_in_the_target_network_namespace() {
     );
 }
 
-/// Waits for a stats line stamped after now: every poll before it has been judged.
-fn settle(agent: &mut Agent) {
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    agent.wait_for("stats after now", DEADLINE, |v| {
-        v["event"] == "stats" && v["ts"].as_str().is_some_and(|ts| ts > now.as_str())
-    });
+/// An agent that ends `server`'s connections once idle for a second, by `mode`, with `extra`.
+fn acting_on_idle(server: &Server, mode: &str, extra: &[&str]) -> Agent {
+    let mut args = vec!["--idle-timeout", "1s", "--action", mode, "--action-on", "idle"];
+    args.extend_from_slice(&["--stats-interval", "200ms"]);
+    args.extend_from_slice(extra);
+    start_agent(&[server.pid], &args)
 }
 
 #[test]
 fn policy_acts_once_per_connection_within_the_rate_limit() {
     let mut server = Server::start(&[]);
-    let mut agent = start_agent(
-        &[server.pid],
-        &[
-            "--idle-timeout",
-            "1s",
-            "--action",
-            "shutdown",
-            "--action-on",
-            "idle",
-            "--max-actions-per-minute",
-            "2",
-            "--stats-interval",
-            "200ms",
-        ],
-    );
+    let mut agent = acting_on_idle(&server, "shutdown", &["--max-actions-per-minute", "2"]);
     let mut clients: Vec<TcpStream> = (0..4).map(|_| server.connect().0).collect();
     let remotes: Vec<String> = clients.iter().map(remote_of).collect();
     for remote in &remotes {
@@ -275,8 +268,8 @@ fn policy_acts_once_per_connection_within_the_rate_limit() {
     };
     agent.out.wait_count("actions", DEADLINE, 2, |v| v["event"] == "action").unwrap();
     // Several more polls: the limit holds and nothing is acted on twice.
-    settle(&mut agent);
-    settle(&mut agent);
+    agent.settle(DEADLINE);
+    agent.settle(DEADLINE);
     let done = actions(&agent);
     assert_eq!(done.len(), 2, "rate limit of 2 per minute: {done:?}");
     for action in &done {
@@ -303,20 +296,7 @@ fn policy_acts_once_per_connection_within_the_rate_limit() {
 #[test]
 fn policy_dry_run_reports_each_connection_once_and_changes_nothing() {
     let mut server = Server::start(&[]);
-    let mut agent = start_agent(
-        &[server.pid],
-        &[
-            "--idle-timeout",
-            "1s",
-            "--action",
-            "destroy",
-            "--action-on",
-            "idle",
-            "--dry-run",
-            "--stats-interval",
-            "200ms",
-        ],
-    );
+    let mut agent = acting_on_idle(&server, "destroy", &["--dry-run"]);
     let (mut a, _) = server.connect();
     let (mut b, _) = server.connect();
     for client in [&a, &b] {
@@ -330,8 +310,8 @@ fn policy_dry_run_reports_each_connection_once_and_changes_nothing() {
             "{action}"
         );
     }
-    settle(&mut agent);
-    settle(&mut agent);
+    agent.settle(DEADLINE);
+    agent.settle(DEADLINE);
     let count = agent.out.seen.iter().filter(|v| v["event"] == "action").count();
     assert_eq!(count, 2, "each connection reported once");
     still_echoes(&mut a);

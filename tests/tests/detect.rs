@@ -9,21 +9,17 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use observer_tests::{
     Agent, Server, as_u64, is_event_for,
     netns::{NetPair, SERVER_IP},
-    reappear, start_agent, vanish,
+    reappear, remote_of, start_agent, vanish,
 };
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(25);
-
-fn remote_of(client: &TcpStream) -> String {
-    client.local_addr().unwrap().to_string()
-}
 
 /// The alert for `reason` on the connection whose remote end is `remote`.
 fn alert(agent: &mut Agent, reason: &str, remote: &str) -> Value {
@@ -38,12 +34,12 @@ fn cleared(agent: &mut Agent, reason: &str, remote: &str) -> Value {
     })
 }
 
-/// Waits for a stats line stamped after now: every poll before it has been judged.
-fn settle(agent: &mut Agent) {
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    agent.wait_for("stats after now", DEADLINE, |v| {
-        v["event"] == "stats" && v["ts"].as_str().is_some_and(|ts| ts > now.as_str())
-    });
+/// The entry for thread `tid` in an alert's `threads`.
+fn thread_in<'a>(alert: &'a Value, tid: &Value) -> &'a Value {
+    let threads = alert["threads"].as_array();
+    threads
+        .and_then(|threads| threads.iter().find(|t| t["tid"] == *tid))
+        .unwrap_or_else(|| panic!("thread {tid} not named: {alert}"))
 }
 
 fn never_alerted(agent: &Agent, reason: &str, remote: &str) {
@@ -138,7 +134,7 @@ fn slow_loris_client_is_a_slow_transfer() {
     let rate = alert["rate_bytes_per_sec"].as_f64().unwrap();
     assert!(rate > 0.0 && rate < 64.0, "{alert}");
     assert!(as_u64(&alert["window_ms"]) >= 3000, "{alert}");
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     never_alerted(&agent, "slow_transfer", &polite_addr);
     never_alerted(&agent, "idle", &loris_addr);
 
@@ -170,17 +166,12 @@ fn peer_that_stops_reading_blocks_the_server_in_write() {
     assert!(as_u64(&alert["stalled_ms"]) >= 2000, "{alert}");
     assert_eq!(alert["peer_window"], 0, "{alert}");
     // The worker is blocked writing to this very socket, and the probes timed it.
-    let worker = alert["threads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["tid"] == accepted["tid"])
-        .unwrap_or_else(|| panic!("worker not named: {alert}"));
+    let worker = thread_in(&alert, &accepted["tid"]);
     let call = worker["blocked_in"].as_str().unwrap();
     assert!(["write", "sendto", "sendmsg", "writev"].contains(&call), "{alert}");
     assert!(as_u64(&worker["blocked_ms"]) >= 1000, "{alert}");
 
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     never_alerted(&agent, "blocked_send", &reader_addr);
     never_alerted(&agent, "retransmitting", &reader_addr);
     never_alerted(&agent, "idle", &stuck_addr);
@@ -211,18 +202,45 @@ fn blocked_writer_is_timed_by_the_probes_the_backend_has() {
         agent.wait_for("started", DEADLINE, |v| v["event"] == "started")["backend"].clone();
     let (stuck, accepted) = server.connect();
     let alert = alert(&mut agent, "blocked_send", &remote_of(&stuck));
-    let worker = alert["threads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["tid"] == accepted["tid"])
-        .unwrap_or_else(|| panic!("worker not named: {alert}"));
+    let worker = thread_in(&alert, &accepted["tid"]);
     assert!(worker["blocked_in"].is_string(), "{alert}");
     if backend == "tracepoint" {
         assert!(worker.get("blocked_ms").is_none(), "guessed a time: {alert}");
     } else {
         assert!(as_u64(&worker["blocked_ms"]) >= 1000, "{backend}: {alert}");
     }
+}
+
+/// Reads `server`'s stream through `reader` until data flows, makes the peer vanish with
+/// `vanish`, expects a `retransmitting` alert (not `blocked_send`), brings the peer back with
+/// `reappear`, and expects the alert to clear. Returns the alert.
+fn vanishing_peer_is_retransmitting(
+    agent: &mut Agent,
+    (server, accepted): (&Server, &Value),
+    reader: TcpStream,
+    vanish: impl FnOnce(),
+    reappear: impl FnOnce(),
+) -> Value {
+    let client_addr = remote_of(&reader);
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let reading = steady_reader(reader, stop.clone(), total.clone());
+    wait_until("data flowing", DEADLINE, || total.load(Ordering::Relaxed) > 256 * 1024);
+    vanish();
+
+    let alert = alert(agent, "retransmitting", &client_addr);
+    assert_owner(&alert, server, accepted);
+    assert!(as_u64(&alert["retransmits_in_a_row"]) >= 1, "{alert}");
+    assert!(as_u64(&alert["unacked_segments"]) >= 1, "{alert}");
+    never_alerted(agent, "blocked_send", &client_addr);
+
+    // The peer comes back: the next retransmission is acknowledged and the alert clears.
+    reappear();
+    let clear = cleared(agent, "retransmitting", &client_addr);
+    assert_eq!(clear["why"], "activity_resumed", "{clear}");
+    stop.store(true, Ordering::Relaxed);
+    reading.join().unwrap();
+    alert
 }
 
 #[test]
@@ -236,27 +254,16 @@ fn peer_that_vanishes_mid_transfer_is_retransmitting() {
     let accepted = server.accepted(&client);
     let client_addr = remote_of(&client);
     assert!(!client_addr.starts_with("127."), "the peer is a real remote host: {client_addr}");
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
-    let reading = steady_reader(client, stop.clone(), total.clone());
-    // Data flows, then the peer vanishes: packets to it are silently dropped.
-    wait_until("data flowing", DEADLINE, || total.load(Ordering::Relaxed) > 256 * 1024);
-    net.drop_client_traffic();
-
-    let alert = alert(&mut agent, "retransmitting", &client_addr);
-    assert_owner(&alert, &server, &accepted);
-    assert!(as_u64(&alert["retransmits_in_a_row"]) >= 1, "{alert}");
-    assert!(as_u64(&alert["unacked_segments"]) >= 1, "{alert}");
+    // The peer vanishes: packets to it are silently dropped.
+    let alert = vanishing_peer_is_retransmitting(
+        &mut agent,
+        (&server, &accepted),
+        client,
+        || net.drop_client_traffic(),
+        || net.restore_client_traffic(),
+    );
     assert!(as_u64(&alert["stalled_ms"]) >= 2000, "{alert}");
     assert!(as_u64(&alert["gives_up_in_ms"]) > 0, "{alert}");
-    never_alerted(&agent, "blocked_send", &client_addr);
-
-    // The peer comes back: the next retransmission is acknowledged and the alert clears.
-    net.restore_client_traffic();
-    let clear = cleared(&mut agent, "retransmitting", &client_addr);
-    assert_eq!(clear["why"], "activity_resumed", "{clear}");
-    stop.store(true, Ordering::Relaxed);
-    reading.join().unwrap();
 }
 
 #[test]
@@ -264,25 +271,14 @@ fn peer_that_vanishes_on_loopback_is_retransmitting() {
     let mut server = Server::start(&["--mode", "stream"]);
     let mut agent = start_agent(&[server.pid], &["--retrans-timeout", "2s"]);
     let (client, accepted) = server.connect();
-    let client_addr = remote_of(&client);
     let reader = client.try_clone().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
-    let reading = steady_reader(reader, stop.clone(), total.clone());
-    wait_until("data flowing", DEADLINE, || total.load(Ordering::Relaxed) > 256 * 1024);
-    vanish(&client);
-
-    let alert = alert(&mut agent, "retransmitting", &client_addr);
-    assert_owner(&alert, &server, &accepted);
-    assert!(as_u64(&alert["retransmits_in_a_row"]) >= 1, "{alert}");
-    assert!(as_u64(&alert["unacked_segments"]) >= 1, "{alert}");
-    never_alerted(&agent, "blocked_send", &client_addr);
-
-    reappear(&client);
-    let clear = cleared(&mut agent, "retransmitting", &client_addr);
-    assert_eq!(clear["why"], "activity_resumed", "{clear}");
-    stop.store(true, Ordering::Relaxed);
-    reading.join().unwrap();
+    vanishing_peer_is_retransmitting(
+        &mut agent,
+        (&server, &accepted),
+        reader,
+        || vanish(&client),
+        || reappear(&client),
+    );
 }
 
 #[test]
@@ -307,7 +303,7 @@ fn application_that_never_closes_leaks_close_wait() {
     assert_owner(&alert, &leaky, &accepted);
     assert_eq!(alert["state"], "CLOSE_WAIT", "{alert}");
     assert!(as_u64(&alert["close_wait_ms"]) >= 2000, "{alert}");
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     never_alerted(&agent, "close_wait", &closed_addr);
 
     // The leak ends when the process does.
@@ -386,7 +382,7 @@ fn closing_with_unread_request_bytes_resets_the_response() {
     assert_eq!(as_u64(&alert["unread_bytes"]), request.len() as u64 - 4, "{alert}");
     let clear = cleared(&mut agent, "reset_unread", &remote_of(&reset_client));
     assert_eq!(clear["why"], "socket_closed", "{clear}");
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     never_alerted(&agent, "reset_unread", &remote_of(&clean_client));
 }
 
@@ -411,7 +407,7 @@ fn silent_remote_connection_without_keepalive_will_be_dropped_by_a_middlebox() {
     assert_eq!(alert["keepalive"], false, "{alert}");
     assert!(as_u64(&alert["silent_ms"]) >= 3000, "{alert}");
     assert_eq!(alert["middlebox_idle_ms"], 3000, "{alert}");
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     never_alerted(&agent, "keepalive_missing", &remote_of(&probed));
 
     // Traffic again: the flow is alive and the alert clears.
@@ -446,7 +442,7 @@ fn process_running_out_of_fds_is_fd_pressure() {
     agent.wait_for("accept errors counted", DEADLINE, |v| {
         v["event"] == "stats" && v["probe_counters"]["accept_errors"].as_u64() > Some(0)
     });
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     assert!(
         !agent.out.seen.iter().any(|v| v["reason"] == "fd_pressure" && v["pid"] == roomy.pid),
         "a process with room to spare was flagged"
@@ -488,7 +484,7 @@ fn policy_rule_sets_thresholds_per_port_and_is_named_in_the_alert() {
     let (hushed, _) = quiet.connect();
     let alert = alert(&mut agent, "idle", &remote_of(&client));
     assert_eq!(alert["policy_rule"], "impatient", "{alert}");
-    settle(&mut agent);
+    agent.settle(DEADLINE);
     never_alerted(&agent, "idle", &remote_of(&hushed));
 
     // A bad policy file is refused, by `check` and by `watch`, naming the line.

@@ -2,15 +2,13 @@
 //! in the same run, printed as a table and as one JSON line per figure, and saved (full runs) in
 //! docs/benchmarks.md. `--smoke` runs the same harness at toy sizes, for CI.
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::mpsc::{Receiver, RecvTimeoutError, channel},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
-use observer_tests::Agent;
+use observer_tests::{Agent, JsonLines};
 use serde_json::{Value, json};
 
 use crate::workspace_root;
@@ -109,8 +107,7 @@ fn median(values: &mut [f64]) -> f64 {
 /// A helper process printing JSON lines (loadgen, the scenario server).
 struct Proc {
     child: Child,
-    lines: Receiver<Value>,
-    seen: Vec<Value>,
+    out: JsonLines,
 }
 
 impl Proc {
@@ -121,18 +118,8 @@ impl Proc {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Ok(Proc { child, lines, seen: Vec::new() })
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        Ok(Proc { child, out: JsonLines::new(stdout, "a load generator") })
     }
 
     /// Waits until at least `n` lines (seen or to come) match; returns them in order.
@@ -143,14 +130,8 @@ impl Proc {
         n: usize,
         matches: impl Fn(&Value) -> bool,
     ) -> Result<Vec<Value>> {
-        let end = Instant::now() + deadline;
-        while self.seen.iter().filter(|v| matches(v)).count() < n {
-            match self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(v) => self.seen.push(v),
-                Err(_) => bail!("fewer than {n} {what} within {deadline:?}"),
-            }
-        }
-        Ok(self.seen.iter().filter(|v| matches(v)).cloned().collect())
+        self.out.wait_count(what, deadline, n, &matches).map_err(anyhow::Error::msg)?;
+        Ok(self.out.seen.iter().filter(|v| matches(v)).cloned().collect())
     }
 
     fn wait_for(
@@ -159,22 +140,7 @@ impl Proc {
         deadline: Duration,
         matches: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        if let Some(v) = self.seen.iter().find(|v| matches(v)) {
-            return Ok(v.clone());
-        }
-        let end = Instant::now() + deadline;
-        loop {
-            match self.lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if matches(&v) {
-                        return Ok(v);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => bail!("no {what} within {deadline:?}"),
-                Err(RecvTimeoutError::Disconnected) => bail!("the process ended before {what}"),
-            }
-        }
+        self.out.wait_for(what, deadline, matches).map_err(anyhow::Error::msg)
     }
 
     /// Runs to completion and returns its last JSON line.
@@ -186,10 +152,8 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            self.seen.push(v);
-        }
-        self.seen.pop().context("the load generator printed nothing")
+        self.out.read_to_end(Duration::from_secs(2)).map_err(anyhow::Error::msg)?;
+        self.out.seen.pop().context("the load generator printed nothing")
     }
 }
 

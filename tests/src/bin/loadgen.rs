@@ -102,16 +102,7 @@ fn raise_fd_limit() {
 /// measurement walks only its own connections.
 fn reset_on_close(conn: TcpStream) -> TcpStream {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt on a socket we own, with a valid struct linger.
-    unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        );
-    }
+    observer_tests::set_socket_option(&conn, libc::SO_LINGER, &linger);
     conn
 }
 
