@@ -4,20 +4,124 @@
 //! are written by the kernel side and read back by user space through BPF maps.
 #![no_std]
 
-/// TCP states as the kernel numbers them (include/net/tcp_states.h).
-pub mod tcp_state {
-    pub const ESTABLISHED: u32 = 1;
-    pub const SYN_SENT: u32 = 2;
-    pub const SYN_RECV: u32 = 3;
-    pub const FIN_WAIT1: u32 = 4;
-    pub const FIN_WAIT2: u32 = 5;
-    pub const TIME_WAIT: u32 = 6;
-    pub const CLOSE: u32 = 7;
-    pub const CLOSE_WAIT: u32 = 8;
-    pub const LAST_ACK: u32 = 9;
-    pub const LISTEN: u32 = 10;
-    pub const CLOSING: u32 = 11;
-    pub const NEW_SYN_RECV: u32 = 12;
+/// A TCP state, numbered as the kernel numbers them (include/net/tcp_states.h). Shared records
+/// carry the raw number (an integer field); this type names it and builds state masks.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    /// The state the kernel numbers `raw`, if it is one of the above.
+    pub const fn from_raw(raw: u32) -> Option<TcpState> {
+        if raw == 0 || raw as usize > Self::ALL.len() {
+            return None;
+        }
+        Some(Self::ALL[raw as usize - 1])
+    }
+
+    /// The name `ss` and the kernel's headers use, e.g. `CLOSE_WAIT`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+}
+
+/// A set of TCP states, as sock_diag's request mask has it: bit n for state n.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpStates(u32);
+
+impl TcpStates {
+    /// Every state a socket held by an fd can be in: all but TIME_WAIT and NEW_SYN_RECV, which
+    /// are not full sockets (no owner, no fd, no thread).
+    pub const HELD: TcpStates =
+        TcpStates::all().without(TcpState::TimeWait).without(TcpState::NewSynRecv);
+    /// Connections: what an fd can hold, listeners aside.
+    pub const CONNECTIONS: TcpStates = TcpStates::HELD.without(TcpState::Listen);
+    pub const LISTENING: TcpStates = TcpStates::EMPTY.with(TcpState::Listen);
+    pub const EMPTY: TcpStates = TcpStates(0);
+
+    pub const fn all() -> TcpStates {
+        let mut all = TcpStates::EMPTY;
+        let mut i = 0;
+        while i < TcpState::ALL.len() {
+            all = all.with(TcpState::ALL[i]);
+            i += 1;
+        }
+        all
+    }
+
+    pub const fn with(self, state: TcpState) -> TcpStates {
+        TcpStates(self.0 | 1 << state as u32)
+    }
+
+    pub const fn without(self, state: TcpState) -> TcpStates {
+        TcpStates(self.0 & !(1 << state as u32))
+    }
+
+    pub const fn contains(self, state: TcpState) -> bool {
+        self.0 & 1 << state as u32 != 0
+    }
+
+    /// The mask as sock_diag requests carry it.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+/// Which way data (or a reset) went, as shared records carry it (`Direction as u8`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Out of this socket: the application sent, or this side sent the reset.
+    Send = 0,
+    /// Into this socket: the application received, or the peer sent the reset.
+    Recv = 1,
+}
+
+impl Direction {
+    pub const fn from_raw(raw: u8) -> Direction {
+        if raw == Direction::Recv as u8 { Direction::Recv } else { Direction::Send }
+    }
 }
 
 /// Default capacity of the per-socket activity map. Entries are allocated on demand, so an idle
@@ -45,7 +149,7 @@ pub struct SockActivity {
     pub first_seen_ns: u64,
     /// Retransmitted segments since the probes first saw the socket.
     pub retransmits: u32,
-    /// Current TCP state (see [`tcp_state`]); 0 until a state change is seen.
+    /// Current TCP state (a [`TcpState`] number); 0 until a state change is seen.
     pub state: u32,
     /// The thread that last sent or received application data.
     pub last_tgid: u32,
@@ -55,11 +159,12 @@ pub struct SockActivity {
 /// Watched process ids the probes compare inline (more go to a hash map).
 pub const INLINE_PIDS: usize = 16;
 
-/// The current (or last) socket call of a thread of a watched process, keyed by thread id.
-/// Lets the agent say how long a thread has been blocked on a socket, measured, not guessed.
+/// The socket syscall a thread of a watched process is in (or was last in), keyed by thread id
+/// (`--syscall-timing`). Lets the agent say how long a thread has been blocked on a socket,
+/// measured, not guessed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ThreadCall {
+pub struct ThreadSyscall {
     /// When the thread entered the call; 0 once it has returned.
     pub enter_ns: u64,
     /// Syscall number (the running architecture's numbering).
@@ -68,25 +173,28 @@ pub struct ThreadCall {
     pub fd: i32,
 }
 
-/// A thread inside a TCP send or receive right now, as fentry/kprobe backends see it: which
+/// The TCP send or receive a thread is in right now, as the fentry/kprobe backends see it: which
 /// socket, since when. Keyed by thread id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockCall {
+pub struct ThreadTcpCall {
     /// When the thread entered tcp_sendmsg/tcp_recvmsg; 0 once it has returned.
     pub enter_ns: u64,
     pub cookie: u64,
     /// The socket (kprobes need it at return, where arguments are gone).
     pub sk: u64,
     pub tgid: u32,
-    /// [`CALL_SEND`] or [`CALL_RECV`].
-    pub direction: u16,
+    /// A [`Direction`]: tcp_sendmsg or tcp_recvmsg.
+    pub direction: u8,
     /// Whether the receive only peeks (MSG_PEEK): no data is consumed.
-    pub peek: u16,
+    pub peek: u8,
+    pub _pad: [u8; 2],
 }
 
-pub const CALL_SEND: u16 = 0;
-pub const CALL_RECV: u16 = 1;
+/// recv(2)'s MSG_PEEK: data is looked at, not consumed.
+pub const MSG_PEEK: u32 = 2;
+/// BPF_F_NO_PREALLOC: hash map entries are allocated as they are inserted.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// What `TRACKED_SYSCALLS[nr]` says about a syscall.
 pub mod syscall_kind {
@@ -116,9 +224,9 @@ pub struct ResetEvent {
     pub tgid: u32,
     pub tid: u32,
     pub comm: [u8; 16],
-    /// [`RESET_SENT`] or [`RESET_RECEIVED`].
+    /// A [`Direction`]: `Send` when this side sent the reset.
     pub direction: u8,
-    /// TCP state when the reset happened.
+    /// TCP state when the reset happened (a [`TcpState`] number).
     pub state: u8,
     pub family: u16,
     pub local_port: u16,
@@ -127,9 +235,6 @@ pub struct ResetEvent {
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
 }
-
-pub const RESET_SENT: u8 = 0;
-pub const RESET_RECEIVED: u8 = 1;
 
 /// Offsets in the running kernel's structs, read from its BTF by the agent and handed to the
 /// programs at load time (Rust BPF has no CO-RE relocations). 0 means unknown.
@@ -179,26 +284,27 @@ impl KernelOffsets {
     };
 }
 
-/// Indexes of the per-CPU `COUNTERS` array: the agent's view of what the probes did and, above
-/// all, of what they could not do (a socket that could not be tracked is counted, never silent).
+/// Indexes of the per-CPU `COUNTERS` array, in declaration order: the agent's view of what the
+/// probes did and, above all, of what they could not do (a socket that could not be tracked is
+/// counted, never silent).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    SendEvents = 0,
-    RecvEvents = 1,
-    RetransmitEvents = 2,
-    StateEvents = 3,
-    DestroyEvents = 4,
+    SendEvents,
+    RecvEvents,
+    RetransmitEvents,
+    StateEvents,
+    DestroyEvents,
     /// A socket could not be added to the activity map (map full or out of memory).
-    TrackFailed = 5,
+    TrackFailed,
     /// Resets that lost data, reported to the agent.
-    ResetEvents = 6,
+    ResetEvents,
     /// Events dropped because the ring buffer to the agent was full.
-    EventsLost = 7,
+    EventsLost,
     /// A thread's socket call could not be recorded (thread map full).
-    ThreadTrackFailed = 8,
+    ThreadTrackFailed,
     /// accept()/accept4() calls of watched processes that failed with EMFILE or ENFILE.
-    AcceptErrors = 9,
+    AcceptErrors,
 }
 
 impl Counter {
@@ -236,8 +342,8 @@ impl Counter {
 mod user {
     // SAFETY: repr(C), only integer fields, no implicit padding (checked by the tests below).
     unsafe impl aya::Pod for super::SockActivity {}
-    unsafe impl aya::Pod for super::ThreadCall {}
-    unsafe impl aya::Pod for super::SockCall {}
+    unsafe impl aya::Pod for super::ThreadSyscall {}
+    unsafe impl aya::Pod for super::ThreadTcpCall {}
     unsafe impl aya::Pod for super::ResetEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
@@ -255,10 +361,30 @@ mod tests {
 
     #[test]
     fn shared_types_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<ThreadCall>(), 16);
-        assert_eq!(core::mem::size_of::<SockCall>(), 32);
+        assert_eq!(core::mem::size_of::<ThreadSyscall>(), 16);
+        assert_eq!(core::mem::size_of::<ThreadTcpCall>(), 32);
         assert_eq!(core::mem::size_of::<ResetEvent>(), 8 + 8 + 4 * 4 + 16 + 1 + 1 + 2 * 3 + 32);
         assert_eq!(core::mem::size_of::<KernelOffsets>(), 16 * 4);
+    }
+
+    #[test]
+    fn tcp_states_match_the_kernel_numbers_and_masks() {
+        for (i, state) in TcpState::ALL.iter().enumerate() {
+            assert_eq!(*state as usize, i + 1);
+            assert_eq!(TcpState::from_raw(i as u32 + 1), Some(*state));
+        }
+        assert_eq!(TcpState::from_raw(0), None);
+        assert_eq!(
+            TcpState::from_raw(13),
+            None,
+            "TCP_BOUND_INACTIVE (6.6+) is not a socket we watch"
+        );
+        // What the collector and `kill` asked for before these types existed.
+        assert_eq!(TcpStates::HELD.bits(), ((1 << 12) - 2) & !(1 << 6));
+        assert_eq!(TcpStates::CONNECTIONS.bits(), ((1 << 12) - 2) & !(1 << 6) & !(1 << 10));
+        assert!(TcpStates::LISTENING.contains(TcpState::Listen));
+        assert!(!TcpStates::CONNECTIONS.contains(TcpState::Listen));
+        assert_eq!(TcpState::CloseWait.name(), "CLOSE_WAIT");
     }
 
     #[test]

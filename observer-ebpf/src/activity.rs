@@ -1,5 +1,5 @@
 //! The per-socket activity map and the updates every probe backend shares.
-use core::{ffi::c_void, ptr::read_volatile};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
@@ -9,9 +9,10 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use observer_common::{Counter, DEFAULT_MAX_TRACKED_SOCKETS, KernelOffsets, SockActivity};
+use observer_common::{
+    BPF_F_NO_PREALLOC, Counter, DEFAULT_MAX_TRACKED_SOCKETS, Direction, KernelOffsets, SockActivity,
+};
 
-const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_NOEXIST: u64 = 1;
 const IPPROTO_TCP: u16 = 6;
 const SOCK_STREAM: u16 = 1;
@@ -31,20 +32,41 @@ static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
 const INLINE_PIDS: usize = observer_common::INLINE_PIDS;
 
+/// A value the agent sets at load time (`EbpfLoader::override_global`), read so the compiler
+/// cannot fold it to its build-time value.
+///
+/// aya-ebpf's own `Global<T>` does this too, but it wraps the value in `MaybeUninit`, whose BTF
+/// union name (`MaybeUninit<u32>`) bpf-linker 0.10 leaves unsanitized: the kernel then refuses
+/// the whole object's BTF ("Invalid name"). This wrapper is a plain struct.
+#[repr(transparent)]
+pub struct LoadTime<T>(T);
+
+impl<T: Copy> LoadTime<T> {
+    pub const fn new(value: T) -> Self {
+        LoadTime(value)
+    }
+
+    #[inline(always)]
+    pub fn load(&self) -> T {
+        // SAFETY: a read of a static's own value; volatile only to defeat constant folding.
+        unsafe { core::ptr::read_volatile(&self.0) }
+    }
+}
+
 // Set by the agent at load time (read-only data, so the verifier sees constants). The offsets come
 // from the running kernel's BTF: Rust BPF has no CO-RE relocations.
 #[unsafe(no_mangle)]
-pub(crate) static OFFSETS: KernelOffsets = KernelOffsets::ZERO;
+pub(crate) static OFFSETS: LoadTime<KernelOffsets> = LoadTime::new(KernelOffsets::ZERO);
 /// How many processes are watched (0: every process).
 #[unsafe(no_mangle)]
-static FILTER_PIDS: u32 = 0;
+static FILTER_PIDS: LoadTime<u32> = LoadTime::new(0);
 #[unsafe(no_mangle)]
-static WATCHED: [u32; INLINE_PIDS] = [0; INLINE_PIDS];
+static WATCHED: LoadTime<[u32; INLINE_PIDS]> = LoadTime::new([0; INLINE_PIDS]);
 
-/// One field of [`OFFSETS`], read so the compiler cannot fold it to the build-time zero.
+/// One field of [`OFFSETS`], as an offset.
 macro_rules! offset {
     ($field:ident) => {
-        unsafe { core::ptr::read_volatile(&raw const crate::activity::OFFSETS.$field) } as usize
+        crate::activity::OFFSETS.load().$field as usize
     };
 }
 pub(crate) use offset;
@@ -63,6 +85,20 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// Sets thread `tid`'s entry in a per-thread map; a full map is counted, never silent.
+#[inline(always)]
+pub fn record_for_thread<T>(map: &HashMap<u32, T>, tid: u32, value: T) {
+    match map.get_ptr_mut(tid) {
+        // In place: no allocation on the hot path once a thread has been seen.
+        Some(slot) => unsafe { *slot = value },
+        None => {
+            if map.insert(tid, value, 0).is_err() {
+                count(Counter::ThreadTrackFailed);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
@@ -77,8 +113,7 @@ pub fn cookie_of(sk: *mut c_void) -> u64 {
 /// True when only the watched processes' activity is recorded (`--pid`).
 #[inline(always)]
 pub fn filtering_pids() -> bool {
-    let filter = unsafe { read_volatile(&FILTER_PIDS) };
-    filter != 0
+    FILTER_PIDS.load() != 0
 }
 
 /// True when the current process is one the agent watches (always true without `--pid`).
@@ -93,15 +128,15 @@ pub fn current_is_watched() -> bool {
 /// Whether process `tgid` is watched (when filtering).
 #[inline(always)]
 pub fn is_watched(tgid: u32) -> bool {
-    let count = unsafe { read_volatile(&FILTER_PIDS) } as usize;
-    // Indexed on purpose: each slot is read volatile so the loader's values are not constant-folded,
-    // and a bounded counted loop is what the verifier unrolls cheaply.
+    let count = FILTER_PIDS.load() as usize;
+    let watched = WATCHED.load();
+    // Indexed on purpose: a bounded counted loop is what the verifier unrolls cheaply.
     #[allow(clippy::needless_range_loop)]
     for i in 0..INLINE_PIDS {
         if i >= count {
             return false;
         }
-        if unsafe { read_volatile(&raw const WATCHED[i]) } == tgid {
+        if watched[i] == tgid {
             return true;
         }
     }
@@ -157,12 +192,6 @@ pub fn existing(cookie: u64) -> Option<*mut SockActivity> {
 
 pub fn forget(cookie: u64) {
     let _ = SOCKETS.remove(cookie);
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    Send,
-    Recv,
 }
 
 /// Application data moved through the socket in the current thread.

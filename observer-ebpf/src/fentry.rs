@@ -6,16 +6,23 @@ use aya_ebpf::{
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use observer_common::{CALL_RECV, CALL_SEND};
+use observer_common::Direction;
 
-use crate::{activity, calls};
+use crate::{activity, tcp_calls};
+
+/// A thread enters a TCP send or receive; `flags_arg` is where the call has its flags.
+#[inline(always)]
+fn enter(ctx: &FEntryContext, direction: Direction, flags_arg: Option<usize>) -> u32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let flags: i32 = flags_arg.map_or(0, |n| ctx.arg(n));
+    tcp_calls::enter(sk.cast(), activity::cookie_of(sk), direction, flags as u32);
+    0
+}
 
 // int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
 #[fentry(function = "tcp_sendmsg")]
 pub fn observer_fe_send(ctx: FEntryContext) -> u32 {
-    let sk: *mut c_void = ctx.arg(0);
-    calls::enter(sk.cast(), activity::cookie_of(sk), CALL_SEND, 0);
-    0
+    enter(&ctx, Direction::Send, None)
 }
 
 #[fexit(function = "tcp_sendmsg")]
@@ -28,18 +35,12 @@ pub fn observer_fx_send(ctx: FExitContext) -> u32 {
 // (Linux 5.19+; before, a `nonblock` argument came before `flags`.)
 #[fentry(function = "tcp_recvmsg")]
 pub fn observer_fe_recv(ctx: FEntryContext) -> u32 {
-    let sk: *mut c_void = ctx.arg(0);
-    let flags: i32 = ctx.arg(3);
-    calls::enter(sk.cast(), activity::cookie_of(sk), CALL_RECV, flags as u32);
-    0
+    enter(&ctx, Direction::Recv, Some(3))
 }
 
 #[fentry(function = "tcp_recvmsg")]
 pub fn observer_fe_recv_old(ctx: FEntryContext) -> u32 {
-    let sk: *mut c_void = ctx.arg(0);
-    let flags: i32 = ctx.arg(4);
-    calls::enter(sk.cast(), activity::cookie_of(sk), CALL_RECV, flags as u32);
-    0
+    enter(&ctx, Direction::Recv, Some(4))
 }
 
 #[fexit(function = "tcp_recvmsg")]
@@ -52,9 +53,7 @@ pub fn observer_fx_recv(ctx: FExitContext) -> u32 {
 // sendfile() and splice() took this path until Linux 6.5.
 #[fentry(function = "tcp_sendpage")]
 pub fn observer_fe_sendpage(ctx: FEntryContext) -> u32 {
-    let sk: *mut c_void = ctx.arg(0);
-    calls::enter(sk.cast(), activity::cookie_of(sk), CALL_SEND, 0);
-    0
+    enter(&ctx, Direction::Send, None)
 }
 
 #[fexit(function = "tcp_sendpage")]
@@ -65,8 +64,8 @@ pub fn observer_fx_sendpage(ctx: FExitContext) -> u32 {
 
 fn try_exit(ctx: &FExitContext) -> Result<(), i32> {
     let ret: i64 = ctx.ret::<i32>()?.into();
-    let call = calls::exit(ret).ok_or(0)?;
+    let call = tcp_calls::exit(ret).ok_or(0)?;
     let sk: *mut c_void = ctx.arg(0);
-    calls::book(sk, activity::cookie_of(sk), &call, ret);
+    tcp_calls::book(sk, activity::cookie_of(sk), &call, ret);
     Ok(())
 }

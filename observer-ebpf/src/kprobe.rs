@@ -8,11 +8,11 @@ use aya_ebpf::{
     macros::{kprobe, kretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use observer_common::{CALL_RECV, CALL_SEND};
+use observer_common::Direction;
 
 use crate::{
     activity::{offset, read_at},
-    calls,
+    tcp_calls,
 };
 
 #[inline(always)]
@@ -21,32 +21,32 @@ fn cookie_field(sk: *const u8) -> u64 {
 }
 
 #[inline(always)]
-fn enter(ctx: &ProbeContext, direction: u16, flags_arg: Option<usize>) -> Option<()> {
+fn enter(ctx: &ProbeContext, direction: Direction, flags_arg: Option<usize>) -> Option<()> {
     let sk: *const u8 = ctx.arg(0)?;
     let flags: i32 = match flags_arg {
         Some(n) => ctx.arg(n)?,
         None => 0,
     };
-    calls::enter(sk, cookie_field(sk), direction, flags as u32);
+    tcp_calls::enter(sk, cookie_field(sk), direction, flags as u32);
     Some(())
 }
 
 #[inline(always)]
 fn exit(ctx: &RetProbeContext) {
     let ret: i32 = ctx.ret();
-    if let Some(call) = calls::exit(ret.into()) {
+    if let Some(call) = tcp_calls::exit(ret.into()) {
         let sk = call.sk as *const u8;
         // A cookie missing at entry may have been assigned since.
         let cookie = if call.cookie != 0 { call.cookie } else { cookie_field(sk) };
         if cookie != 0 {
-            calls::book(sk as *mut c_void, cookie, &call, ret.into());
+            tcp_calls::book(sk as *mut c_void, cookie, &call, ret.into());
         }
     }
 }
 
 #[kprobe(function = "tcp_sendmsg")]
 pub fn observer_kp_send(ctx: ProbeContext) -> u32 {
-    let _ = enter(&ctx, CALL_SEND, None);
+    let _ = enter(&ctx, Direction::Send, None);
     0
 }
 
@@ -58,14 +58,14 @@ pub fn observer_kr_send(ctx: RetProbeContext) -> u32 {
 
 #[kprobe(function = "tcp_recvmsg")]
 pub fn observer_kp_recv(ctx: ProbeContext) -> u32 {
-    let _ = enter(&ctx, CALL_RECV, Some(3));
+    let _ = enter(&ctx, Direction::Recv, Some(3));
     0
 }
 
 // Before Linux 5.19 tcp_recvmsg had a `nonblock` argument before `flags`.
 #[kprobe(function = "tcp_recvmsg")]
 pub fn observer_kp_recv_old(ctx: ProbeContext) -> u32 {
-    let _ = enter(&ctx, CALL_RECV, Some(4));
+    let _ = enter(&ctx, Direction::Recv, Some(4));
     0
 }
 
@@ -77,7 +77,7 @@ pub fn observer_kr_recv(ctx: RetProbeContext) -> u32 {
 
 #[kprobe(function = "tcp_sendpage")]
 pub fn observer_kp_sendpage(ctx: ProbeContext) -> u32 {
-    let _ = enter(&ctx, CALL_SEND, None);
+    let _ = enter(&ctx, Direction::Send, None);
     0
 }
 

@@ -7,11 +7,11 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod activity;
-mod calls;
 mod fentry;
 mod kprobe;
 mod resets;
-mod threads;
+mod syscall_timing;
+mod tcp_calls;
 mod tracepoint;
 
 #[cfg(not(target_arch = "bpf"))]

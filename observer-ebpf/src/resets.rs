@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::RingBuf,
 };
-use observer_common::{Counter, ResetEvent, tcp_state};
+use observer_common::{Counter, Direction, ResetEvent, TcpState};
 
-use crate::activity::{self, offset, read_at};
+use crate::activity::{self, read_at};
 
 const AF_INET: u16 = 2;
 
@@ -18,19 +18,22 @@ const AF_INET: u16 = 2;
 static RESETS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[inline(always)]
-pub fn record(sk: *const u8, direction: u8) -> Result<(), ()> {
+pub fn record(sk: *const u8, direction: Direction) -> Result<(), ()> {
     if sk.is_null() {
         return Err(());
     }
     // Time-wait and request sockets are smaller than a tcp_sock: their fields below are not there.
-    let state: u8 = read_at(sk, offset!(skc_state));
-    if matches!(state as u32, tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV | tcp_state::LISTEN) {
+    let offsets = activity::OFFSETS.load();
+    let at = |offset: u32| offset as usize;
+    let state: u8 = read_at(sk, at(offsets.skc_state));
+    let not_full = [TcpState::TimeWait, TcpState::NewSynRecv, TcpState::Listen];
+    if not_full.iter().any(|s| *s as u8 == state) {
         return Err(());
     }
-    let unread =
-        read_at::<u32>(sk, offset!(tcp_rcv_nxt)).wrapping_sub(read_at(sk, offset!(tcp_copied_seq)));
-    let unsent =
-        read_at::<u32>(sk, offset!(tcp_write_seq)).wrapping_sub(read_at(sk, offset!(tcp_snd_una)));
+    let unread = read_at::<u32>(sk, at(offsets.tcp_rcv_nxt))
+        .wrapping_sub(read_at(sk, at(offsets.tcp_copied_seq)));
+    let unsent = read_at::<u32>(sk, at(offsets.tcp_write_seq))
+        .wrapping_sub(read_at(sk, at(offsets.tcp_snd_una)));
     // Sequence arithmetic on a socket in a strange state can wrap; such numbers are not data.
     let sane = |n: u32| if n > (1 << 30) { 0 } else { n };
     let (unread, unsent) = (sane(unread), sane(unsent));
@@ -48,7 +51,7 @@ pub fn record(sk: *const u8, direction: u8) -> Result<(), ()> {
             ((pid_tgid >> 32) as u32, pid_tgid as u32, bpf_get_current_comm().unwrap_or([0; 16]))
         }
     };
-    let family: u16 = read_at(sk, offset!(skc_family));
+    let family: u16 = read_at(sk, at(offsets.skc_family));
     let mut event = ResetEvent {
         cookie,
         at_ns: activity::now_ns(),
@@ -57,19 +60,19 @@ pub fn record(sk: *const u8, direction: u8) -> Result<(), ()> {
         tgid,
         tid,
         comm,
-        direction,
+        direction: direction as u8,
         state,
         family,
-        local_port: u16::from_be(read_at(sk, offset!(inet_sport))),
-        remote_port: u16::from_be(read_at(sk, offset!(skc_dport))),
+        local_port: u16::from_be(read_at(sk, at(offsets.inet_sport))),
+        remote_port: u16::from_be(read_at(sk, at(offsets.skc_dport))),
         ..ResetEvent::default()
     };
     if family == AF_INET {
-        event.local_addr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, offset!(skc_rcv_saddr)));
-        event.remote_addr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, offset!(skc_daddr)));
+        event.local_addr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, at(offsets.skc_rcv_saddr)));
+        event.remote_addr[..4].copy_from_slice(&read_at::<[u8; 4]>(sk, at(offsets.skc_daddr)));
     } else {
-        event.local_addr = read_at(sk, offset!(skc_v6_rcv_saddr));
-        event.remote_addr = read_at(sk, offset!(skc_v6_daddr));
+        event.local_addr = read_at(sk, at(offsets.skc_v6_rcv_saddr));
+        event.remote_addr = read_at(sk, at(offsets.skc_v6_daddr));
     }
     if RESETS.output::<ResetEvent>(&event, 0).is_err() {
         activity::count(Counter::EventsLost);

@@ -5,17 +5,16 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap},
 };
-use observer_common::{Counter, MAX_SYSCALL_NR, ThreadCall, syscall_kind};
+use observer_common::{BPF_F_NO_PREALLOC, Counter, MAX_SYSCALL_NR, ThreadSyscall, syscall_kind};
 
 use crate::activity::{self, offset, read_at};
 
-const BPF_F_NO_PREALLOC: u32 = 1;
 const EMFILE: i64 = 24;
 const ENFILE: i64 = 23;
 
 /// Thread id -> its current or last tracked call. Updated in place; removed when the thread exits.
 #[map]
-static THREAD_CALLS: HashMap<u32, ThreadCall> =
+static THREAD_SYSCALLS: HashMap<u32, ThreadSyscall> =
     HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
 
 /// Syscall number -> `syscall_kind`, filled by the agent with this architecture's numbers.
@@ -42,17 +41,8 @@ pub fn enter(regs: *const u8, nr: i64) {
         return;
     }
     let fd: u64 = read_at(regs, offset!(regs_arg0));
-    let call = ThreadCall { enter_ns: activity::now_ns(), nr: nr as u32, fd: fd as i32 };
-    let tid = bpf_get_current_pid_tgid() as u32;
-    match THREAD_CALLS.get_ptr_mut(tid) {
-        // In place: no allocation on the hot path once a thread has been seen.
-        Some(slot) => unsafe { *slot = call },
-        None => {
-            if THREAD_CALLS.insert(tid, call, 0).is_err() {
-                activity::count(Counter::ThreadTrackFailed);
-            }
-        }
-    }
+    let call = ThreadSyscall { enter_ns: activity::now_ns(), nr: nr as u32, fd: fd as i32 };
+    activity::record_for_thread(&THREAD_SYSCALLS, bpf_get_current_pid_tgid() as u32, call);
 }
 
 /// The current thread leaves a syscall with result `ret`.
@@ -65,7 +55,7 @@ pub fn exit(ret: i64) {
     if !activity::is_watched((pid_tgid >> 32) as u32) {
         return;
     }
-    let Some(slot) = THREAD_CALLS.get_ptr_mut(pid_tgid as u32) else {
+    let Some(slot) = THREAD_SYSCALLS.get_ptr_mut(pid_tgid as u32) else {
         return;
     };
     let nr = unsafe {
@@ -93,5 +83,5 @@ fn count_accept_error(tgid: u32) {
 /// The current thread is exiting: forget its calls.
 #[inline(always)]
 pub fn thread_exit() {
-    let _ = THREAD_CALLS.remove(bpf_get_current_pid_tgid() as u32);
+    let _ = THREAD_SYSCALLS.remove(bpf_get_current_pid_tgid() as u32);
 }

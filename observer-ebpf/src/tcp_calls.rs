@@ -2,48 +2,39 @@
 //! records which socket and since when, the exit probe clears it and books the data moved. A
 //! thread blocked in write() is visible the moment it blocks.
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::HashMap};
-use observer_common::{CALL_SEND, Counter, SockCall};
+use observer_common::{BPF_F_NO_PREALLOC, Counter, Direction, MSG_PEEK, ThreadTcpCall};
 
-use crate::activity::{self, Direction, Known};
-
-const BPF_F_NO_PREALLOC: u32 = 1;
-const MSG_PEEK: u32 = 2;
+use crate::activity::{self, Known};
 
 /// Thread id -> its current (or last) TCP send/receive. Updated in place; removed at thread exit.
 #[map]
-static SOCK_CALLS: HashMap<u32, SockCall> = HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+static THREAD_TCP_CALLS: HashMap<u32, ThreadTcpCall> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
 
 /// A thread enters tcp_sendmsg/tcp_recvmsg on socket `sk` (known by `cookie`; 0 if unknown yet).
 #[inline(always)]
-pub fn enter(sk: *const u8, cookie: u64, direction: u16, flags: u32) {
+pub fn enter(sk: *const u8, cookie: u64, direction: Direction, flags: u32) {
     if !activity::current_is_watched() {
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let call = SockCall {
+    let call = ThreadTcpCall {
         enter_ns: activity::now_ns(),
         cookie,
         sk: sk as u64,
         tgid: (pid_tgid >> 32) as u32,
-        direction,
-        peek: u16::from(flags & MSG_PEEK != 0),
+        direction: direction as u8,
+        peek: u8::from(flags & MSG_PEEK != 0),
+        _pad: [0; 2],
     };
-    let tid = pid_tgid as u32;
-    match SOCK_CALLS.get_ptr_mut(tid) {
-        Some(slot) => unsafe { *slot = call },
-        None => {
-            if SOCK_CALLS.insert(tid, call, 0).is_err() {
-                activity::count(Counter::ThreadTrackFailed);
-            }
-        }
-    }
+    activity::record_for_thread(&THREAD_TCP_CALLS, pid_tgid as u32, call);
 }
 
 /// The current thread returns `ret` from the call `enter` recorded. Returns that call when it
 /// moved data (ret > 0, not a peek), for the caller to book.
 #[inline(always)]
-pub fn exit(ret: i64) -> Option<SockCall> {
-    let slot = SOCK_CALLS.get_ptr_mut(bpf_get_current_pid_tgid() as u32)?;
+pub fn exit(ret: i64) -> Option<ThreadTcpCall> {
+    let slot = THREAD_TCP_CALLS.get_ptr_mut(bpf_get_current_pid_tgid() as u32)?;
     let call = unsafe {
         if (*slot).enter_ns == 0 {
             return None;
@@ -56,13 +47,12 @@ pub fn exit(ret: i64) -> Option<SockCall> {
 
 /// Books `bytes` moved on the socket of `call`.
 #[inline(always)]
-pub fn book(sk: *mut core::ffi::c_void, cookie: u64, call: &SockCall, bytes: i64) {
-    activity::count(if call.direction == CALL_SEND {
-        Counter::SendEvents
-    } else {
-        Counter::RecvEvents
+pub fn book(sk: *mut core::ffi::c_void, cookie: u64, call: &ThreadTcpCall, bytes: i64) {
+    let direction = Direction::from_raw(call.direction);
+    activity::count(match direction {
+        Direction::Send => Counter::SendEvents,
+        Direction::Recv => Counter::RecvEvents,
     });
-    let direction = if call.direction == CALL_SEND { Direction::Send } else { Direction::Recv };
     if let Some(entry) = activity::entry(sk, cookie, Known::Tcp) {
         activity::record_data(entry, direction, bytes as u64);
     }
@@ -71,5 +61,5 @@ pub fn book(sk: *mut core::ffi::c_void, cookie: u64, call: &SockCall, bytes: i64
 /// The current thread is exiting: forget its calls.
 #[inline(always)]
 pub fn thread_exit() {
-    let _ = SOCK_CALLS.remove(bpf_get_current_pid_tgid() as u32);
+    let _ = THREAD_TCP_CALLS.remove(bpf_get_current_pid_tgid() as u32);
 }

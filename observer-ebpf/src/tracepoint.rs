@@ -4,14 +4,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use observer_common::{Counter, RESET_RECEIVED, RESET_SENT, tcp_state};
+use observer_common::{Counter, Direction, MSG_PEEK, TcpState};
 
 use crate::{
-    activity::{self, Direction, Known},
-    calls, resets, threads,
+    activity::{self, Known},
+    resets, syscall_timing, tcp_calls,
 };
-
-const MSG_PEEK: i32 = 2;
 
 // sock_send_length(struct sock *sk, int ret, int flags)
 #[btf_tracepoint(function = "sock_send_length")]
@@ -31,7 +29,7 @@ fn try_data(ctx: &BtfTracePointContext, direction: Direction) -> Result<(), ()> 
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
     // Errors (EAGAIN above all), EOF and peeks move no data: leave before any map work.
-    if ret <= 0 || (direction == Direction::Recv && flags & MSG_PEEK != 0) {
+    if ret <= 0 || (direction == Direction::Recv && flags as u32 & MSG_PEEK != 0) {
         return Ok(());
     }
     if !activity::current_is_watched() {
@@ -80,7 +78,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // softirq, with no owner in sight) only update sockets those processes already used, so the
     // map holds their sockets only. Otherwise every transition is tracked, so CLOSE_WAIT and
     // the like have an exact entry time. SCTP and MPTCP use this tracepoint too: TCP is checked.
-    let entry = if new_state == tcp_state::CLOSE || activity::filtering_pids() {
+    let entry = if new_state == TcpState::Close as u32 || activity::filtering_pids() {
         activity::existing(cookie)
     } else {
         activity::entry(sk, cookie, Known::Unchecked)
@@ -102,7 +100,7 @@ pub fn observer_tp_destroy(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn observer_tp_reset_sent(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let _ = resets::record(sk, RESET_SENT);
+    let _ = resets::record(sk, Direction::Send);
     0
 }
 
@@ -110,7 +108,7 @@ pub fn observer_tp_reset_sent(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn observer_tp_reset_received(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let _ = resets::record(sk, RESET_RECEIVED);
+    let _ = resets::record(sk, Direction::Recv);
     0
 }
 
@@ -119,7 +117,7 @@ pub fn observer_tp_reset_received(ctx: BtfTracePointContext) -> i32 {
 pub fn observer_tp_sys_enter(ctx: BtfTracePointContext) -> i32 {
     let regs: *const u8 = ctx.arg(0);
     let nr: i64 = ctx.arg(1);
-    threads::enter(regs, nr);
+    syscall_timing::enter(regs, nr);
     0
 }
 
@@ -127,14 +125,14 @@ pub fn observer_tp_sys_enter(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sys_exit")]
 pub fn observer_tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let ret: i64 = ctx.arg(1);
-    threads::exit(ret);
+    syscall_timing::exit(ret);
     0
 }
 
 // sched_process_exit(struct task_struct *p[, bool group_dead]): runs as the exiting thread.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn observer_tp_thread_exit(_ctx: BtfTracePointContext) -> i32 {
-    threads::thread_exit();
-    calls::thread_exit();
+    syscall_timing::thread_exit();
+    tcp_calls::thread_exit();
     0
 }

@@ -1,15 +1,24 @@
-//! Command line. `--help` is the first manual most users read, so every flag explains itself
-//! with an example.
-use std::time::Duration;
+//! Command line: the only module that knows clap. It turns arguments into each command's
+//! options and runs it. `--help` is the first manual most users read, so every flag explains
+//! itself with an example.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use std::path::PathBuf;
-
-use clap::{Args, Parser, Subcommand};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
 use observer_common::DEFAULT_MAX_TRACKED_SOCKETS;
 
-use std::net::SocketAddr;
-
-use crate::{act::Mode, policy::Overrides, probes::ProbeChoice, reason::Reason};
+use crate::{
+    act::Mode,
+    commands::{check, kill, watch},
+    detect::{
+        Reason,
+        thresholds::{Overrides, ThresholdValue, with_thresholds},
+    },
+    kernel::probes::ProbeChoice,
+    units,
+};
 
 const ABOUT: &str = "Finds the TCP connections a server is stuck on, says why, and names the thread stuck with them.";
 
@@ -91,7 +100,7 @@ pub struct KillArgs {
     /// destroy: SOCK_DESTROY (peer gets a reset, blocked threads ECONNABORTED; needs
     /// CAP_NET_ADMIN). shutdown: shutdown(SHUT_RDWR) on a copy of the fd (peer gets a FIN,
     /// blocked threads EOF/EPIPE and the application closes normally; needs ptrace access).
-    #[arg(long, value_enum, default_value_t = Mode::Destroy)]
+    #[arg(long, value_name = "MODE", default_value = "destroy", value_parser = mode())]
     pub mode: Mode,
 
     /// Find and check the socket, change nothing.
@@ -124,12 +133,13 @@ pub struct WatchArgs {
 
     /// How often to look at the sockets. Alerts come at most one interval after a connection
     /// crosses its threshold. Examples: 500ms, 1s, 5s
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s",
+          value_parser = units::positive_duration)]
     pub poll_interval: Duration,
 
     /// Which probes to use. auto: the best this kernel allows, trying fentry, then kprobe, then
     /// tracepoint (`observer check` shows what works here and why).
-    #[arg(long, value_enum, value_name = "BACKEND", default_value_t = ProbeChoice::Auto)]
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = probe_choice())]
     pub probes: ProbeChoice,
 
     /// Policy file: thresholds and ignored reasons per local port, remote CIDR, pid or
@@ -137,54 +147,17 @@ pub struct WatchArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// [default: 60s] Alert `idle`: an established connection that sent and received no data
-    /// for this long (a client went silent; a server thread waits in read()). Example: 5m
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
-    pub idle_timeout: Option<Duration>,
-
-    /// [default: 30s] Alert `slow_transfer` (slow-loris): data trickled one way below
-    /// --slow-min-rate for this long while the other side sent nothing back. Example: 1m
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
-    pub slow_after: Option<Duration>,
-
-    /// [default: 64] The rate, in bytes per second, below which a sustained one-way transfer
-    /// counts as slow. Example: 256
-    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = positive_rate)]
-    pub slow_min_rate: Option<f64>,
-
-    /// [default: 30s] Alert `blocked_send`: data waited to be sent this long while the peer,
-    /// alive, took none (it stopped reading; the writer blocks). Example: 2m
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
-    pub blocked_timeout: Option<Duration>,
-
-    /// [default: 30s] Alert `retransmitting`: the kernel retransmitted unacknowledged data for
-    /// this long to a peer that does not answer (it vanished; TCP retries ~15 min). Example: 1m
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
-    pub retrans_timeout: Option<Duration>,
-
-    /// [default: 60s] Alert `close_wait`: the peer closed this long ago and the application
-    /// never called close() (a leaked socket and fd). Example: 5m
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
-    pub close_wait_timeout: Option<Duration>,
-
-    /// [default: 300s] Alert `keepalive_missing`: a non-loopback connection silent this long
-    /// without a keepalive due sooner; a load balancer or NAT will drop it. Example: 240s
-    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
-    pub middlebox_idle: Option<Duration>,
-
-    /// [default: 0.9] Alert `fd_pressure` when a process uses this fraction of its fd limit
-    /// (RLIMIT_NOFILE), or whenever its accept() fails with EMFILE/ENFILE. Example: 0.8
-    #[arg(long, value_name = "FRACTION", value_parser = fraction)]
-    pub fd_threshold: Option<f64>,
+    #[command(flatten)]
+    pub thresholds: ThresholdFlags,
 
     /// Print a `stats` event with the agent's own health (sockets seen, poll time, probe
     /// counters, sockets the probes failed to track) this often; 0 turns it off.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = units::duration)]
     pub stats_interval: Duration,
 
     /// End connections whose alert stands for one of the --action-on reasons, by this mode
     /// (see `observer kill --help`). Listening sockets are never acted on.
-    #[arg(long, value_enum, value_name = "MODE", requires = "action_on")]
+    #[arg(long, value_name = "MODE", requires = "action_on", value_parser = mode())]
     pub action: Option<Mode>,
 
     /// Reasons to act on, comma-separated: idle, slow_transfer, blocked_send, retransmitting,
@@ -194,7 +167,7 @@ pub struct WatchArgs {
     pub action_on: Vec<Reason>,
 
     /// Act only once an alert has stood this long. Example: 5m
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = units::duration)]
     pub action_after: Duration,
 
     /// Never end more than this many connections in any minute; the rest wait their turn.
@@ -224,20 +197,121 @@ pub struct WatchArgs {
     pub max_sockets: u32,
 }
 
-impl WatchArgs {
-    /// The thresholds given on the command line; they win over the policy file.
-    pub fn overrides(&self) -> Overrides {
-        Overrides {
-            idle_timeout: self.idle_timeout,
-            slow_after: self.slow_after,
-            slow_min_rate: self.slow_min_rate,
-            blocked_timeout: self.blocked_timeout,
-            retrans_timeout: self.retrans_timeout,
-            close_wait_timeout: self.close_wait_timeout,
-            middlebox_idle: self.middlebox_idle,
-            fd_threshold: self.fd_threshold,
+/// One optional flag per threshold (see `detect::thresholds`); unset ones leave the policy
+/// file's value, or the default, in force.
+macro_rules! threshold_flags {
+    ({} $( $name:ident : $ty:ty = $default:expr, $help:literal; )*) => {
+        #[derive(Debug, Default, Args, PartialEq)]
+        pub struct ThresholdFlags {
+            $(
+                #[arg(
+                    long,
+                    value_name = <$ty as ThresholdValue>::VALUE_NAME,
+                    value_parser = <$ty as ThresholdValue>::parse,
+                    help = format!(
+                        "[default: {}] {}",
+                        ThresholdValue::show(crate::detect::thresholds::DEFAULT_THRESHOLDS.$name),
+                        $help
+                    ),
+                )]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl ThresholdFlags {
+            /// The thresholds given on the command line; they win over the policy file.
+            pub fn overrides(&self) -> Overrides {
+                Overrides { $( $name: self.$name, )* }
+            }
+        }
+    };
+}
+with_thresholds!(threshold_flags {});
+
+/// The program: parses the command line (usage errors exit 2 with clap's message and a pointer
+/// to --help), runs the command, and prints any error as one line with its whole cause chain.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::kernel::system::map_large_allocations();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("observer: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            // One line, whole cause chain, no backtrace.
+            eprintln!("observer: error: {err:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the command the command line names; errors come back for `main` to print as one line.
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Watch(args) => watch::run(args.options()).await.map(|()| ExitCode::SUCCESS),
+        Command::Kill(args) => kill::run(&args.options()),
+        Command::Check(args) => {
+            let ready = check::run(&check::Options { config: args.config })?;
+            Ok(if ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+impl WatchArgs {
+    pub fn options(&self) -> watch::Options {
+        watch::Options {
+            pids: self.pids.clone(),
+            ports: self.ports.clone(),
+            poll_interval: self.poll_interval,
+            probes: self.probes,
+            config: self.config.clone(),
+            thresholds: self.thresholds.overrides(),
+            stats_interval: self.stats_interval,
+            action: self.action.map(|mode| watch::ActionOptions {
+                mode,
+                reasons: self.action_on.clone(),
+                after: self.action_after,
+                max_per_minute: self.max_actions_per_minute,
+                dry_run: self.dry_run,
+            }),
+            syscall_timing: self.syscall_timing,
+            probe_stats: self.probe_stats,
+            max_sockets: self.max_sockets,
+        }
+    }
+}
+
+impl KillArgs {
+    pub fn options(&self) -> kill::Options {
+        kill::Options {
+            pid: self.pid,
+            cookie: self.cookie,
+            local: self.local,
+            remote: self.remote,
+            mode: self.mode,
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+/// `--mode` and `--action` values, each with what it does.
+fn mode() -> impl TypedValueParser<Value = Mode> {
+    let values = Mode::ALL.map(|m| PossibleValue::new(m.name()).help(m.description()));
+    PossibleValuesParser::new(values).try_map(|name| name.parse::<Mode>())
+}
+
+/// `--probes` values.
+fn probe_choice() -> impl TypedValueParser<Value = ProbeChoice> {
+    let values = ProbeChoice::ALL.map(|c| PossibleValue::new(c.name()));
+    PossibleValuesParser::new(values).try_map(|name| name.parse::<ProbeChoice>())
 }
 
 /// Reasons that name one connection, which can be ended. Listener overflows, resets (already
@@ -252,57 +326,10 @@ fn actionable_reason(text: &str) -> Result<Reason, String> {
     }
 }
 
-fn positive_rate(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("'{text}' is not a rate: give bytes per second, like 64")),
-    }
-}
-
-fn fraction(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
-        _ => Err(format!(
-            "'{text}' is not a fraction of the fd limit: give one above 0, at most 1, like 0.9"
-        )),
-    }
-}
-
-/// Parses `500ms`, `2s`, `5m`, `1h30m`.
-pub fn duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|_| {
-        format!("'{text}' is not a duration: give a number with a unit, like 500ms, 2s or 5m")
-    })
-}
-
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    match duration(text)? {
-        d if d.is_zero() => Err("must be greater than zero, like 500ms, 2s or 5m".into()),
-        d => Ok(d),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[test]
-    fn durations_with_units() {
-        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
-    }
-
-    #[test]
-    fn durations_without_units_or_garbage_are_refused_with_a_hint() {
-        for bad in ["5", "", "fast", "-1s", "2 parsecs"] {
-            let err = duration(bad).unwrap_err();
-            assert!(err.contains("like 500ms, 2s or 5m"), "{bad}: {err}");
-        }
-        assert!(positive_duration("0s").is_err());
-    }
 
     #[test]
     fn watch_defaults() {
@@ -310,7 +337,11 @@ mod tests {
         let Command::Watch(w) = cli.command else { panic!("not watch") };
         assert!(w.pids.is_empty() && w.ports.is_empty());
         assert_eq!(w.poll_interval, Duration::from_secs(1));
-        assert_eq!(w.overrides(), Overrides::default(), "unset flags leave the policy alone");
+        assert_eq!(
+            w.thresholds.overrides(),
+            Overrides::default(),
+            "unset flags leave the policy alone"
+        );
         assert_eq!(w.probes, ProbeChoice::Auto);
     }
 
@@ -327,7 +358,7 @@ mod tests {
             "8080",
             "--poll-interval",
             "250ms",
-            "--idle-timeout",
+            "--retrans-timeout",
             "2s",
         ])
         .unwrap();
@@ -335,7 +366,9 @@ mod tests {
         assert_eq!(w.pids, vec![10, 11]);
         assert_eq!(w.ports, vec![8080]);
         assert_eq!(w.poll_interval, Duration::from_millis(250));
-        assert_eq!(w.overrides().idle_timeout, Some(Duration::from_secs(2)));
+        let given =
+            Overrides { retrans_timeout: Some(Duration::from_secs(2)), ..Overrides::default() };
+        assert_eq!(w.thresholds.overrides(), given);
     }
 
     #[test]

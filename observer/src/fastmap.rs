@@ -46,17 +46,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn behaves_as_a_map() {
-        let mut m: FastMap<u64, u32> = FastMap::default();
-        for i in 0..10_000u64 {
-            m.insert(i * 7, i as u32);
-        }
-        assert_eq!(m.len(), 10_000);
-        assert_eq!(m.get(&(9_999 * 7)), Some(&9_999));
-        assert_eq!(m.get(&1), None);
-    }
-
-    #[test]
     fn sequential_keys_differ_in_their_top_bits() {
         let hash = |n: u64| {
             let mut h = IntHasher::default();

@@ -1,36 +1,34 @@
 //! observer: finds the TCP connections a server is stuck on, says why, and names the thread stuck
-//! with them. Data flows one way: collect -> snapshot -> detect -> alerts -> output.
-pub mod act;
-pub mod alerts;
-pub mod btf;
-pub mod check;
+//! with them.
+//!
+//! The modules are layers, and each imports only from the layers before it:
+//!
+//! 1. `kernel`: what the kernel says: the BPF probes, sock_diag, /proc, BTF.
+//! 2. `snapshot`: one poll's joined view of the watched sockets and processes.
+//! 3. `detect`: pure rules from snapshots to findings, with their thresholds and policy.
+//! 4. `alerts`: findings become alerts raised and cleared once, with the threads stuck on them.
+//! 5. `act` and `report`: ending connections, and the JSON-lines events on stdout.
+//! 6. `commands`: `watch`, `check` and `kill`, each a function of plain options.
+//! 7. `cli`: the command line (the only module that knows clap).
+//!
+//! `units` and `fastmap` are small foundations any layer may use.
+//!
+//! Words used throughout:
+//! - *cookie*: the kernel's 64-bit socket id, unique since boot; sock_diag and the probes both
+//!   know a socket by it, so it is the join key and what acting on a socket is checked against.
+//! - *owner*: the process and fd that hold a socket (from /proc/PID/fd).
+//! - *finding*: one rule's verdict on one socket or process in one poll; an *alert* is a finding
+//!   that began, reported once, and *cleared* once when it ends.
+//! - *thread syscall* / *thread TCP call*: what the probes record of a thread inside a socket
+//!   syscall (`--syscall-timing`) or inside the kernel's TCP send or receive (fentry, kprobe).
+//! - *attribution*: naming the threads stuck with a socket, from those records and /proc.
+pub(crate) mod act;
+pub(crate) mod alerts;
 pub mod cli;
-pub mod collect;
-pub mod detect;
-pub mod fastmap;
-pub mod kernel;
-pub mod kill;
-pub mod output;
-pub mod policy;
-pub mod probes;
-pub mod procfs;
-pub mod reason;
-pub mod respond;
-pub mod snapshot;
-pub mod syscalls;
-pub mod system;
-pub mod threads;
-pub mod watch;
-
-use std::process::ExitCode;
-
-/// Runs a parsed command line; errors come back for `main` to print as one line.
-pub async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        cli::Command::Watch(args) => watch::run(args).await.map(|()| ExitCode::SUCCESS),
-        cli::Command::Kill(args) => kill::run(&args),
-        cli::Command::Check(args) => {
-            Ok(if check::run(&args)? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }
-    }
-}
+pub(crate) mod commands;
+pub(crate) mod detect;
+pub(crate) mod fastmap;
+pub(crate) mod kernel;
+pub(crate) mod report;
+pub(crate) mod snapshot;
+pub(crate) mod units;

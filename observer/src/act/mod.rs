@@ -7,19 +7,20 @@
 //! - `shutdown`: duplicate the owner's fd with pidfd_getfd(2), check the duplicate's SO_COOKIE,
 //!   then shutdown(SHUT_RDWR): the peer gets a FIN, blocked readers see EOF and writers EPIPE,
 //!   and the application closes the socket through its normal path.
+pub mod respond;
+
 use std::{
     collections::VecDeque,
     io,
     net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
 use crate::kernel::sock_diag::{DiagError, DiagSocketHandle, SockId};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// SOCK_DESTROY through sock_diag (as `ss -K`): reset to the peer, ECONNABORTED locally.
@@ -29,11 +30,36 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Destroy, Mode::Shutdown];
+
     pub fn name(self) -> &'static str {
         match self {
             Mode::Destroy => "destroy",
             Mode::Shutdown => "shutdown",
         }
+    }
+
+    /// What it does, in a line.
+    pub fn description(self) -> &'static str {
+        match self {
+            Mode::Destroy => {
+                "SOCK_DESTROY through sock_diag (as `ss -K`): reset to the peer, ECONNABORTED locally"
+            }
+            Mode::Shutdown => {
+                "shutdown(SHUT_RDWR) on a duplicate of the owner's fd: FIN to the peer, EOF locally"
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown mode '{s}' (known: destroy, shutdown)"))
     }
 }
 
@@ -67,9 +93,9 @@ impl ActResult {
     }
 }
 
-/// Exactly which socket to end.
+/// Exactly which socket to end: every key it must still match when acted on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Target {
+pub struct SocketRef {
     pub pid: u32,
     pub fd: i32,
     pub cookie: u64,
@@ -82,7 +108,7 @@ pub struct Target {
 /// namespace. With `dry_run`, everything is checked and nothing is changed.
 pub fn perform(
     mode: Mode,
-    target: &Target,
+    target: &SocketRef,
     diag: &mut DiagSocketHandle,
     dry_run: bool,
 ) -> ActResult {
@@ -124,7 +150,7 @@ pub fn destroy_error(e: &io::Error) -> ActResult {
     }
 }
 
-fn shutdown(target: &Target, dry_run: bool) -> ActResult {
+fn shutdown(target: &SocketRef, dry_run: bool) -> ActResult {
     let duplicate = match duplicate_fd(target.pid, target.fd) {
         Ok(fd) => fd,
         Err(result) => return result,
@@ -194,22 +220,23 @@ pub fn pidfd_error(e: &io::Error, pid: u32) -> ActResult {
     }
 }
 
-/// At most `max` actions in any 60 seconds.
+/// At most `max` actions in any 60 seconds, on a clock of nanoseconds the caller passes in.
 pub struct RateLimit {
     max: usize,
-    recent: VecDeque<Instant>,
+    recent: VecDeque<u64>,
 }
 
-const RATE_WINDOW: Duration = Duration::from_secs(60);
+const RATE_WINDOW_NS: u64 = 60_000_000_000;
 
 impl RateLimit {
     pub fn per_minute(max: usize) -> Self {
         RateLimit { max, recent: VecDeque::new() }
     }
 
-    /// Takes a slot if one is free at `now`.
-    pub fn try_take(&mut self, now: Instant) -> bool {
-        while self.recent.front().is_some_and(|&t| now.duration_since(t) >= RATE_WINDOW) {
+    /// Takes a slot if one is free at `now_ns`.
+    pub fn try_take(&mut self, now_ns: u64) -> bool {
+        let now = now_ns;
+        while self.recent.front().is_some_and(|&t| now.saturating_sub(t) >= RATE_WINDOW_NS) {
             self.recent.pop_front();
         }
         if self.recent.len() >= self.max {
@@ -249,20 +276,21 @@ mod tests {
 
     #[test]
     fn rate_limit_allows_max_per_sliding_minute() {
-        let start = Instant::now();
+        const S: u64 = 1_000_000_000;
+        let start = 5 * S;
         let mut limit = RateLimit::per_minute(2);
         assert!(limit.try_take(start));
-        assert!(limit.try_take(start + Duration::from_secs(1)));
-        assert!(!limit.try_take(start + Duration::from_secs(2)), "third within the minute");
-        assert!(!limit.try_take(start + Duration::from_secs(59)));
-        assert!(limit.try_take(start + Duration::from_secs(60)), "the first slot freed");
-        assert!(!limit.try_take(start + Duration::from_secs(60)));
-        assert!(limit.try_take(start + Duration::from_secs(61)));
+        assert!(limit.try_take(start + S));
+        assert!(!limit.try_take(start + 2 * S), "third within the minute");
+        assert!(!limit.try_take(start + 59 * S));
+        assert!(limit.try_take(start + 60 * S), "the first slot freed");
+        assert!(!limit.try_take(start + 60 * S));
+        assert!(limit.try_take(start + 61 * S));
     }
 
     #[test]
     fn zero_means_never() {
-        assert!(!RateLimit::per_minute(0).try_take(Instant::now()));
+        assert!(!RateLimit::per_minute(0).try_take(0));
     }
 
     #[test]
@@ -272,7 +300,7 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         let cookie = crate::kernel::socket_cookie(&server).unwrap();
-        let target = Target {
+        let target = SocketRef {
             pid: std::process::id(),
             fd: server.as_raw_fd(),
             cookie,
@@ -281,7 +309,7 @@ mod tests {
             interface: 0,
         };
         // pidfd_getfd on ourselves needs no privilege beyond our own.
-        let wrong = Target { cookie: cookie + 1, ..target };
+        let wrong = SocketRef { cookie: cookie + 1, ..target };
         assert_eq!(shutdown(&wrong, false).outcome, Outcome::AlreadyGone);
         assert_eq!(shutdown(&target, true), ActResult::ok(), "dry run");
         let mut buf = [0u8; 1];

@@ -2,14 +2,17 @@
 //! long, when the probes timed the call), or failing that, the one that last moved data on it.
 use std::collections::HashMap;
 
+use observer_common::{Direction, ThreadSyscall, ThreadTcpCall};
 use serde::Serialize;
 
-use observer_common::{CALL_SEND, SockCall, ThreadCall};
-
 use crate::{
-    procfs::{Owner, ThreadState},
-    snapshot::Activity,
-    syscalls,
+    detect::{Finding, Target},
+    kernel::{
+        probes::Activity,
+        procfs::{self, Owner, ThreadState},
+        syscalls,
+    },
+    snapshot::Snapshot,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -29,10 +32,10 @@ pub struct ThreadInfo {
 
 /// What the probes know that bears on who is stuck with a socket.
 pub struct Probed<'a> {
-    /// Per-thread socket syscalls (with --pid): which fd, since when.
-    pub syscalls: &'a HashMap<u32, ThreadCall>,
+    /// Per-thread socket syscalls (--syscall-timing): which fd, since when.
+    pub syscalls: &'a HashMap<u32, ThreadSyscall>,
     /// Per-thread TCP sends and receives in progress (fentry/kprobe backends): which socket.
-    pub sock_calls: &'a HashMap<u32, SockCall>,
+    pub tcp_calls: &'a HashMap<u32, ThreadTcpCall>,
     /// The socket's own record: who last moved data on it.
     pub activity: Option<&'a Activity>,
 }
@@ -52,15 +55,16 @@ pub fn attribute(
             let syscall =
                 probed.syscalls.get(&t.tid).filter(|c| c.enter_ns != 0 && c.fd == owner.fd);
             let kernel = probed
-                .sock_calls
+                .tcp_calls
                 .get(&t.tid)
                 .filter(|c| c.enter_ns != 0 && c.cookie == cookie && c.tgid == owner.pid);
             let seen = t.blocked.filter(|b| b.fd == owner.fd);
             let blocked_in = syscall
                 .and_then(|c| syscalls::by_nr(i64::from(c.nr)).map(|s| s.name))
                 .or(seen.map(|b| b.syscall))
-                .or(kernel.map(|c| {
-                    if c.direction == CALL_SEND { "tcp_sendmsg" } else { "tcp_recvmsg" }
+                .or(kernel.map(|c| match Direction::from_raw(c.direction) {
+                    Direction::Send => "tcp_sendmsg",
+                    Direction::Recv => "tcp_recvmsg",
                 }))?;
             let blocked_ms =
                 syscall.map(|c| since(c.enter_ns)).or(kernel.map(|c| since(c.enter_ns)));
@@ -94,23 +98,52 @@ pub fn attribute(
     }]
 }
 
-pub fn comm_str(raw: &[u8; 16]) -> String {
-    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..len]).into_owned()
+/// The threads stuck with the socket or process of `finding`, as of `snapshot`. /proc is read
+/// once per process per poll (through `cache`), and only for processes with a new alert.
+pub fn for_finding(
+    snapshot: &Snapshot,
+    finding: &Finding,
+    cache: &mut HashMap<u32, Vec<ThreadState>>,
+) -> Vec<ThreadInfo> {
+    let Target::Socket(cookie) = finding.target else { return vec![] };
+    if let Some(socket) = snapshot.find(cookie)
+        && let Some(owner) = &socket.owner
+    {
+        let threads = cache.entry(owner.pid).or_insert_with(|| procfs::thread_states(owner.pid));
+        let probed = Probed {
+            syscalls: &snapshot.thread_syscalls,
+            tcp_calls: &snapshot.thread_tcp_calls,
+            activity: socket.activity.as_ref(),
+        };
+        return attribute(owner, cookie, threads, &probed, snapshot.taken_ns);
+    }
+    // A socket already gone (a reset on close): the thread that was using it.
+    snapshot
+        .resets
+        .iter()
+        .find(|r| r.cookie == cookie && r.tid != 0)
+        .map(|r| ThreadInfo {
+            tid: r.tid,
+            name: r.thread_name.clone(),
+            blocked_in: None,
+            blocked_ms: None,
+            last_io_ms: None,
+        })
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs::BlockedCall;
-    use observer_common::CALL_RECV;
+    use crate::kernel::procfs::BlockedCall;
 
     fn probed<'a>(
-        syscalls: &'a HashMap<u32, ThreadCall>,
-        sock_calls: &'a HashMap<u32, SockCall>,
+        syscalls: &'a HashMap<u32, ThreadSyscall>,
+        tcp_calls: &'a HashMap<u32, ThreadTcpCall>,
         activity: Option<&'a Activity>,
     ) -> Probed<'a> {
-        Probed { syscalls, sock_calls, activity }
+        Probed { syscalls, tcp_calls, activity }
     }
 
     fn owner() -> Owner {
@@ -150,9 +183,9 @@ mod tests {
     fn probe_timed_calls_give_blocked_ms() {
         let threads = [thread(101, "worker-1", Some(("read", 7))), thread(102, "worker-2", None)];
         let calls = HashMap::from([
-            (101, ThreadCall { enter_ns: 1_000_000_000, nr: libc::SYS_recvfrom as u32, fd: 7 }),
+            (101, ThreadSyscall { enter_ns: 1_000_000_000, nr: libc::SYS_recvfrom as u32, fd: 7 }),
             // Thread 102's last call on this fd has returned: not blocked.
-            (102, ThreadCall { enter_ns: 0, nr: libc::SYS_recvfrom as u32, fd: 7 }),
+            (102, ThreadSyscall { enter_ns: 0, nr: libc::SYS_recvfrom as u32, fd: 7 }),
         ]);
         let got = attribute(
             &owner(),
@@ -202,24 +235,23 @@ mod tests {
     fn kernel_side_calls_name_and_time_threads_on_that_socket_only() {
         let threads =
             [thread(101, "worker-1", None), thread(102, "worker-2", None), thread(103, "w3", None)];
-        let call = |cookie, tgid, direction| SockCall {
+        let call = |cookie, tgid, direction: Direction| ThreadTcpCall {
             enter_ns: 2_000_000_000,
             cookie,
-            sk: 0,
             tgid,
-            direction,
-            peek: 0,
+            direction: direction as u8,
+            ..ThreadTcpCall::default()
         };
-        let sock_calls = HashMap::from([
-            (101, call(1, 100, CALL_SEND)),
-            (102, call(2, 100, CALL_RECV)), // another socket
-            (103, call(1, 999, CALL_RECV)), // same cookie, another process: impossible, ignored
+        let tcp_calls = HashMap::from([
+            (101, call(1, 100, Direction::Send)),
+            (102, call(2, 100, Direction::Recv)), // another socket
+            (103, call(1, 999, Direction::Recv)), // same cookie, another process: impossible, ignored
         ]);
         let got = attribute(
             &owner(),
             1,
             &threads,
-            &probed(&HashMap::new(), &sock_calls, None),
+            &probed(&HashMap::new(), &tcp_calls, None),
             5_000_000_000,
         );
         assert_eq!(got.len(), 1);
@@ -232,22 +264,21 @@ mod tests {
     #[test]
     fn proc_names_the_syscall_and_the_kernel_probe_times_it() {
         let threads = [thread(101, "worker-1", Some(("write", 7)))];
-        let sock_calls = HashMap::from([(
+        let tcp_calls = HashMap::from([(
             101,
-            SockCall {
+            ThreadTcpCall {
                 enter_ns: 1_000_000_000,
                 cookie: 1,
-                sk: 0,
                 tgid: 100,
-                direction: CALL_SEND,
-                peek: 0,
+                direction: Direction::Send as u8,
+                ..ThreadTcpCall::default()
             },
         )]);
         let got = attribute(
             &owner(),
             1,
             &threads,
-            &probed(&HashMap::new(), &sock_calls, None),
+            &probed(&HashMap::new(), &tcp_calls, None),
             4_000_000_000,
         );
         assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("write"), Some(3000)));

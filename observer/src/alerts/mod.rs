@@ -1,13 +1,12 @@
 //! Turns each poll's findings into alert transitions: an alert is raised once per target and
 //! reason, stays quiet while the condition holds, and is cleared once when it ends.
-use std::time::Instant;
+pub mod attribution;
 
 use serde::Serialize;
 
 use crate::{
-    detect::{Finding, Target},
+    detect::{Finding, Reason, Target},
     fastmap::FastMap,
-    reason::Reason,
     snapshot::{Identity, Snapshot},
 };
 
@@ -34,7 +33,8 @@ pub struct AlertBook {
 struct Active {
     /// The identity when raised (what the clear repeats).
     identity: Identity,
-    since: Instant,
+    /// The snapshot time (`taken_ns`) of the poll that raised it.
+    since_ns: u64,
     generation: u64,
 }
 
@@ -47,7 +47,8 @@ pub struct Cleared {
 
 impl AlertBook {
     /// Records this poll's findings; returns those that are new (to raise, with their identity)
-    /// and the alerts whose condition ended (to clear), both in a stable order.
+    /// and the alerts whose condition ended (to clear), both in a stable order. The snapshot's
+    /// time is the alerts' clock.
     pub fn update<'f>(
         &mut self,
         snapshot: &Snapshot,
@@ -55,7 +56,7 @@ impl AlertBook {
     ) -> (Vec<(&'f Finding, Identity)>, Vec<Cleared>) {
         self.generation += 1;
         let generation = self.generation;
-        let now = Instant::now();
+        let now = snapshot.taken_ns;
         let mut raised = Vec::new();
         for finding in findings {
             match self.active.entry((finding.target, finding.reason())) {
@@ -64,7 +65,7 @@ impl AlertBook {
                 }
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     let identity = finding.identity(snapshot);
-                    slot.insert(Active { identity: identity.clone(), since: now, generation });
+                    slot.insert(Active { identity: identity.clone(), since_ns: now, generation });
                     raised.push((finding, identity));
                 }
             }
@@ -95,14 +96,9 @@ impl AlertBook {
         self.active.len()
     }
 
-    /// Every standing alert with when it was raised.
-    pub fn standing(&self) -> impl Iterator<Item = (Target, Reason, Instant)> + '_ {
-        self.active.iter().map(|(&(target, reason), a)| (target, reason, a.since))
-    }
-
-    /// Whether an alert for `target` and `reason` stands.
-    pub fn is_active(&self, target: Target, reason: Reason) -> bool {
-        self.active.contains_key(&(target, reason))
+    /// Every standing alert with when it was raised (a snapshot's `taken_ns`).
+    pub fn standing(&self) -> impl Iterator<Item = (Target, Reason, u64)> + '_ {
+        self.active.iter().map(|(&(target, reason), a)| (target, reason, a.since_ns))
     }
 }
 
@@ -124,9 +120,10 @@ fn why_cleared(snapshot: &Snapshot, target: Target, raised_as: &Identity) -> Cle
 #[cfg(test)]
 mod tests {
     use super::*;
+    use observer_common::TcpState;
+
     use crate::{
-        detect::{Detector, KernelFacts},
-        policy::Policy,
+        detect::{Detector, KernelSettings, policy::idle_after},
         snapshot::fixtures::*,
     };
 
@@ -144,17 +141,13 @@ mod tests {
     }
 
     fn detector() -> Detector {
-        let policy = Policy::default().with_command_line(crate::policy::Overrides {
-            idle_timeout: Some(std::time::Duration::from_secs(10)),
-            ..Default::default()
-        });
-        Detector::new(policy, KernelFacts::default())
+        Detector::new(idle_after(std::time::Duration::from_secs(10)), KernelSettings::default())
     }
 
     #[test]
     fn raised_once_while_condition_holds_then_cleared_once() {
         let (mut book, mut det) = (AlertBook::default(), detector());
-        let idle = |ms| snapshot(vec![socket(1, 1, ms, ms)]);
+        let idle = |ms| snapshot(vec![socket(1, TcpState::Established, ms, ms)]);
         assert_eq!(poll(&mut book, &mut det, &idle(11_000)), (vec![Target::Socket(1)], vec![]));
         assert_eq!(poll(&mut book, &mut det, &idle(12_000)), (vec![], vec![]));
         assert_eq!(poll(&mut book, &mut det, &idle(13_000)), (vec![], vec![]));
@@ -169,10 +162,13 @@ mod tests {
     #[test]
     fn vanished_or_closing_socket_clears_as_closed() {
         let (mut book, mut det) = (AlertBook::default(), detector());
-        let two = snapshot(vec![socket(1, 1, 20_000, 20_000), socket(2, 1, 20_000, 20_000)]);
+        let two = snapshot(vec![
+            socket(1, TcpState::Established, 20_000, 20_000),
+            socket(2, TcpState::Established, 20_000, 20_000),
+        ]);
         assert_eq!(poll(&mut book, &mut det, &two).0, vec![Target::Socket(1), Target::Socket(2)]);
         // Socket 1 is gone; socket 2 went to CLOSE_WAIT.
-        let after = snapshot(vec![socket(2, 8, 20_000, 20_000)]);
+        let after = snapshot(vec![socket(2, TcpState::CloseWait, 20_000, 20_000)]);
         let (_, cleared) = poll(&mut book, &mut det, &after);
         assert_eq!(
             cleared,
@@ -183,8 +179,13 @@ mod tests {
     #[test]
     fn clear_all_empties_the_book() {
         let (mut book, mut det) = (AlertBook::default(), detector());
-        poll(&mut book, &mut det, &snapshot(vec![socket(1, 1, 20_000, 20_000)]));
-        assert!(book.is_active(Target::Socket(1), Reason::Idle));
+        poll(
+            &mut book,
+            &mut det,
+            &snapshot(vec![socket(1, TcpState::Established, 20_000, 20_000)]),
+        );
+        let standing: Vec<_> = book.standing().map(|(t, r, _)| (t, r)).collect();
+        assert_eq!(standing, vec![(Target::Socket(1), Reason::Idle)]);
         assert_eq!(book.clear_all(ClearWhy::ProcessExited).len(), 1);
         assert_eq!(book.active_count(), 0);
     }

@@ -10,17 +10,25 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    btf::{Btf, VMLINUX},
-    cli::CheckArgs,
-    kernel::sock_diag::{DiagSocketHandle, SockId},
-    output::timestamp,
-    policy::Policy,
-    probes::{Backend, LoadOptions, Probes},
-    system,
+    detect::Policy,
+    kernel::{
+        btf::{Btf, VMLINUX},
+        probes::{Backend, LoadOptions, Probes},
+        sock_diag::{DiagSocketHandle, SockId},
+        system,
+    },
+    report::timestamp,
 };
 
+/// What `observer check` was asked to check besides the machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// A policy file to validate.
+    pub config: Option<std::path::PathBuf>,
+}
+
 /// Runs every check, prints the report, and returns whether `watch` can run.
-pub fn run(args: &CheckArgs) -> anyhow::Result<bool> {
+pub fn run(args: &Options) -> anyhow::Result<bool> {
     let caps = system::effective_capabilities();
     let missing = system::missing_for_watch(caps);
     let mut problems: Vec<String> = Vec::new();
@@ -134,14 +142,14 @@ fn sock_destroy_report() -> Value {
 }
 
 fn try_sock_destroy() -> Result<(), String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let mut client =
-        TcpStream::connect(listener.local_addr().unwrap()).map_err(|e| e.to_string())?;
-    let (server, _) = listener.accept().map_err(|e| e.to_string())?;
-    let cookie = crate::kernel::socket_cookie(&server).map_err(|e| e.to_string())?;
+    let text = |e: std::io::Error| e.to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(text)?;
+    let mut client = TcpStream::connect(listener.local_addr().map_err(text)?).map_err(text)?;
+    let (server, _) = listener.accept().map_err(text)?;
+    let cookie = crate::kernel::socket_cookie(&server).map_err(text)?;
     let id = SockId {
-        local: server.local_addr().unwrap(),
-        remote: server.peer_addr().unwrap(),
+        local: server.local_addr().map_err(text)?,
+        remote: server.peer_addr().map_err(text)?,
         interface: 0,
         cookie,
     };

@@ -1,21 +1,34 @@
 //! `observer kill`: end one stuck connection by hand, printing one `action` line.
-use std::{process::ExitCode, time::SystemTime};
+use std::{net::SocketAddr, process::ExitCode, time::SystemTime};
+
+use observer_common::{TcpState, TcpStates};
 
 use crate::{
-    act::{self, ActResult, Outcome},
-    cli::KillArgs,
-    kernel::{netns, sock_diag::DiagSocketHandle},
-    output::{ActionEvent, Event, Output},
-    procfs::{self, ProcError, ProcessIdentity},
-    snapshot::{Identity, state_name},
-    system,
+    act::{self, ActResult, Mode, Outcome, SocketRef},
+    kernel::{
+        netns,
+        procfs::{self, ProcError, ProcessIdentity},
+        sock_diag::{DiagSocket, DiagSocketHandle},
+        system,
+    },
+    report::{ActionEvent, Event, Output},
+    snapshot::Identity,
 };
 
-/// TCP states worth looking in: all but TIME_WAIT and NEW_SYN_RECV, which hold no fd.
-const STATES: u32 = ((1 << 12) - 2) & !(1 << 6);
-const LISTEN: u8 = 10;
+/// Which connection to end, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// The process holding the socket.
+    pub pid: u32,
+    /// Keys the socket must match: the cookie and/or both addresses.
+    pub cookie: Option<u64>,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    pub mode: Mode,
+    pub dry_run: bool,
+}
 
-pub fn run(args: &KillArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: &Options) -> anyhow::Result<ExitCode> {
     let requested = Identity {
         pid: Some(args.pid),
         comm: None,
@@ -43,7 +56,7 @@ pub fn run(args: &KillArgs) -> anyhow::Result<ExitCode> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-type Resolved = (act::Target, Identity, DiagSocketHandle);
+type Resolved = (SocketRef, Identity, DiagSocketHandle);
 
 /// Why nothing was done, and what is known of the socket.
 struct Refused {
@@ -56,11 +69,11 @@ fn refuse(identity: Option<Identity>, outcome: Outcome, msg: impl Into<String>) 
 }
 
 /// Finds the one socket the arguments name, held by the given process, or says why not.
-fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
+fn resolve(args: &Options) -> Result<Resolved, Box<Refused>> {
     let caps = system::effective_capabilities();
     let needed = match args.mode {
-        act::Mode::Destroy => "CAP_NET_ADMIN",
-        act::Mode::Shutdown => "CAP_SYS_PTRACE",
+        Mode::Destroy => "CAP_NET_ADMIN",
+        Mode::Shutdown => "CAP_SYS_PTRACE",
     };
     if !system::has_capability(caps, needed) {
         let msg = format!("{} needs {needed}: run observer as root", args.mode.name());
@@ -77,10 +90,10 @@ fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
     let mut diag = netns::diag_socket_in(args.pid)
         .map_err(|e| refuse(None, Outcome::Failed, e.to_string()))?;
     let table = diag
-        .dump_tcp(STATES)
+        .dump_tcp(TcpStates::HELD)
         .map_err(|e| refuse(None, Outcome::Failed, format!("reading the socket table: {e}")))?;
     let owners = procfs::scan_fds(Some(&[args.pid])).owners;
-    let wanted = |s: &crate::kernel::sock_diag::DiagSocket| {
+    let wanted = |s: &DiagSocket| {
         args.cookie.is_none_or(|c| c == s.cookie)
             && args.local.is_none_or(|a| a == s.local.addr())
             && args.remote.is_none_or(|a| a == s.remote.addr())
@@ -102,13 +115,13 @@ fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
         cookie: Some(socket.cookie),
         local: Some(socket.local.addr()),
         remote: Some(socket.remote.addr()),
-        state: Some(state_name(socket.state)),
+        state: Some(socket.state.name()),
     };
-    if socket.state == LISTEN {
+    if socket.state == TcpState::Listen {
         let msg = "refusing to end a listening socket: that stops the service; end its connections instead";
         return Err(refuse(Some(identity), Outcome::Failed, msg));
     }
-    let target = act::Target {
+    let target = SocketRef {
         pid: args.pid,
         fd: owner.fd,
         cookie: socket.cookie,
@@ -119,7 +132,7 @@ fn resolve(args: &KillArgs) -> Result<Resolved, Box<Refused>> {
     Ok((target, identity, diag))
 }
 
-fn describe(args: &KillArgs) -> String {
+fn describe(args: &Options) -> String {
     let mut parts = Vec::new();
     if let Some(c) = args.cookie {
         parts.push(format!("cookie {c}"));

@@ -2,6 +2,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write,
+    path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -12,27 +13,57 @@ use tokio::{
 };
 
 use crate::{
-    alerts::{AlertBook, ClearWhy, Cleared},
-    btf::Btf,
-    cli::WatchArgs,
-    collect::Collector,
-    detect::{Detector, Finding, KernelFacts, Target},
-    output::{
-        AlertEvent, ClearedEvent, Event, Output, ProbeCost, StartedEvent, StatsEvent, timestamp,
+    act::{Mode, respond::Responder},
+    alerts::{AlertBook, ClearWhy, Cleared, attribution},
+    detect::{Detector, KernelSettings, Policy, Reason, Target, thresholds::Overrides},
+    kernel::{
+        btf::Btf,
+        probes::{LoadOptions, ProbeChoice, Probes},
+        procfs::{self, ProcessIdentity},
+        system,
     },
-    policy::Policy,
-    probes::{LoadOptions, Probes},
-    procfs::{self, ProcessIdentity},
-    respond::Responder,
-    snapshot::Snapshot,
-    system,
-    threads::{self, ThreadInfo},
+    report::{
+        ActionEvent, AlertEvent, ClearedEvent, Event, Output, ProbeCost, StartedEvent, StatsEvent,
+        timestamp,
+    },
+    snapshot::Collector,
 };
+
+/// What `observer watch` was asked to do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Watched processes; empty watches every TCP socket in the agent's network namespace.
+    pub pids: Vec<u32>,
+    /// Only connections with one of these ports at either end (all when empty).
+    pub ports: Vec<u16>,
+    pub poll_interval: Duration,
+    pub probes: ProbeChoice,
+    /// The policy file, if any.
+    pub config: Option<PathBuf>,
+    /// Thresholds given on the command line: they win over the policy file.
+    pub thresholds: Overrides,
+    /// How often to print `stats`; zero for never.
+    pub stats_interval: Duration,
+    pub action: Option<ActionOptions>,
+    pub syscall_timing: bool,
+    pub probe_stats: bool,
+    pub max_sockets: u32,
+}
+
+/// `--action` and its companions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActionOptions {
+    pub mode: Mode,
+    pub reasons: Vec<Reason>,
+    pub after: Duration,
+    pub max_per_minute: usize,
+    pub dry_run: bool,
+}
 
 /// Consecutive failed polls after which the agent gives up instead of silently seeing nothing.
 const MAX_FAILED_POLLS: u32 = 10;
 
-pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+pub async fn run(args: Options) -> anyhow::Result<()> {
     let missing = system::missing_for_watch(system::effective_capabilities());
     if !missing.is_empty() {
         bail!(
@@ -49,7 +80,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         Some(path) => Policy::from_file(path)?,
         None => Policy::default(),
     }
-    .with_command_line(args.overrides());
+    .with_command_line(args.thresholds.clone());
     let mut targets = Vec::new();
     for &pid in &args.pids {
         targets.push(ProcessIdentity::of(pid)?);
@@ -79,19 +110,14 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let facts = KernelFacts { tcp_retries2: system::tcp_retries2() };
-    let responder = args.action.map(|mode| {
-        Responder::new(
-            mode,
-            args.action_on.clone(),
-            args.action_after,
-            args.max_actions_per_minute,
-            args.dry_run,
-        )
-    });
+    let kernel = KernelSettings { tcp_retries2: system::tcp_retries2() };
+    let responder = args
+        .action
+        .as_ref()
+        .map(|a| Responder::new(a.mode, a.reasons.clone(), a.after, a.max_per_minute, a.dry_run));
     let mut watch = Watch {
         responder,
-        detector: Detector::new(policy, facts),
+        detector: Detector::new(policy, kernel),
         book: AlertBook::default(),
         out: Output::new(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock())),
         probes,
@@ -110,7 +136,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         call_timing: watch.probes.times_calls(),
         syscall_timing: watch.probes.tracks_threads(),
         config: args.config.as_ref().map(|p| p.display().to_string()),
-        thresholds: watch.detector.policy().base().into(),
+        thresholds: watch.detector.policy().base(),
     }))?;
     watch.flush()?;
     log::info!(
@@ -234,14 +260,31 @@ impl<W: Write> Watch<W> {
                 Target::Socket(cookie) => snapshot.find(cookie),
                 Target::Process(_) => None,
             };
-            let threads = thread_attribution(&snapshot, finding, &mut thread_cache);
+            let threads = attribution::for_finding(&snapshot, finding, &mut thread_cache);
             let alert = AlertEvent::new(now, snapshot.taken_ns, finding, identity, socket, threads);
             self.emit(Event::Alert(alert))?;
         }
-        if let Some(responder) = &mut self.responder {
-            for action in responder.respond(&self.book, &snapshot, collector) {
-                self.emit(Event::Action(action))?;
-            }
+        let actions: Vec<ActionEvent> = match &mut self.responder {
+            Some(responder) => responder
+                .due(&self.book, &snapshot)
+                .into_iter()
+                .map(|due| {
+                    let result = responder.perform(&due, collector.diag_for(due.netns));
+                    let (mode, dry_run) = (responder.mode(), responder.dry_run());
+                    ActionEvent::new(
+                        SystemTime::now(),
+                        mode,
+                        dry_run,
+                        result,
+                        due.identity,
+                        Some(due.reason),
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        for action in actions {
+            self.emit(Event::Action(action))?;
         }
         collector.recycle(snapshot);
         Ok(())
@@ -280,39 +323,4 @@ impl<W: Write> Watch<W> {
         };
         self.emit(Event::Stats(event))
     }
-}
-
-/// The owner's threads stuck with an alert's socket. /proc is read once per process per poll,
-/// and only for processes with a new alert.
-fn thread_attribution(
-    snapshot: &Snapshot,
-    finding: &Finding,
-    cache: &mut HashMap<u32, Vec<procfs::ThreadState>>,
-) -> Vec<ThreadInfo> {
-    let Target::Socket(cookie) = finding.target else { return vec![] };
-    if let Some(socket) = snapshot.find(cookie)
-        && let Some(owner) = &socket.owner
-    {
-        let process_threads = cache.entry(owner.pid).or_insert_with(|| procfs::threads(owner.pid));
-        let probed = threads::Probed {
-            syscalls: &snapshot.thread_calls,
-            sock_calls: &snapshot.sock_calls,
-            activity: socket.activity.as_ref(),
-        };
-        return threads::attribute(owner, cookie, process_threads, &probed, snapshot.taken_ns);
-    }
-    // A socket already gone (a reset on close): the thread that was using it.
-    snapshot
-        .resets
-        .iter()
-        .find(|r| r.cookie == cookie && r.tid != 0)
-        .map(|r| ThreadInfo {
-            tid: r.tid,
-            name: r.thread_name.clone(),
-            blocked_in: None,
-            blocked_ms: None,
-            last_io_ms: None,
-        })
-        .into_iter()
-        .collect()
 }

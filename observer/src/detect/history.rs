@@ -1,10 +1,11 @@
 //! What detection remembers between polls about each socket and process: when a state was
 //! entered, when sending last made progress, how many bytes moved over the recent window.
 //! Kept small and inline: at 100k sockets this is most of the agent's memory.
+use observer_common::TcpState;
+
 use crate::snapshot::{ProcessView, SocketView};
 
 const MS: u64 = 1_000_000;
-const CLOSE_WAIT: u8 = 8;
 
 /// Byte counters at one moment, for rates over a window. Times are milliseconds and counters
 /// their low 32 bits, compared with wrapping arithmetic: a window spans seconds to minutes.
@@ -35,7 +36,7 @@ pub struct Window {
 /// arithmetic over spans of seconds to minutes).
 #[derive(Clone, Debug)]
 pub struct SocketHistory {
-    pub state: u8,
+    pub state: TcpState,
     checkpoint_count: u8,
     has_dropped: bool,
     /// When the socket entered `state` (exact from the probes, else a lower bound).
@@ -61,9 +62,9 @@ impl SocketHistory {
         let tcp = socket.diag.tcp.unwrap_or_default();
         let probe_since = socket
             .activity
-            .filter(|a| a.state == u32::from(socket.diag.state) && a.state_since_ns != 0)
+            .filter(|a| a.state == socket.diag.state as u32 && a.state_since_ns != 0)
             .map(|a| ms_clock(a.state_since_ns));
-        let state_since_ms = probe_since.unwrap_or(if socket.diag.state == CLOSE_WAIT {
+        let state_since_ms = probe_since.unwrap_or(if socket.diag.state == TcpState::CloseWait {
             // The peer's FIN was its last word: the time since the last ACK from it is a
             // lower bound on the time in CLOSE_WAIT for a socket older than the agent.
             ms_ago(now_ns, tcp.last_ack_recv_ms)
@@ -99,7 +100,7 @@ impl SocketHistory {
             self.state = socket.diag.state;
             self.state_since_ms = socket
                 .activity
-                .filter(|a| a.state == u32::from(socket.diag.state) && a.state_since_ns != 0)
+                .filter(|a| a.state == socket.diag.state as u32 && a.state_since_ns != 0)
                 .map_or(now_ms, |a| ms_clock(a.state_since_ns));
         }
         if tcp.bytes_acked as u32 != self.bytes_acked || socket.diag.wqueue == 0 {
@@ -219,7 +220,7 @@ mod tests {
 
     #[test]
     fn progress_is_acknowledged_bytes_or_an_empty_queue() {
-        let mut s = socket(1, 1, 0, 0);
+        let mut s = socket(1, TcpState::Established, 0, 0);
         s.diag.wqueue = 100;
         s.diag.tcp.as_mut().unwrap().last_ack_recv_ms = 5_000;
         let mut h = SocketHistory::new(&s, NOW_NS, 1);
@@ -233,18 +234,18 @@ mod tests {
 
     #[test]
     fn close_wait_age_of_a_pre_existing_socket_is_bounded_by_the_last_ack() {
-        let mut s = socket(1, CLOSE_WAIT, 0, 0);
+        let mut s = socket(1, TcpState::CloseWait, 0, 0);
         s.diag.tcp.as_mut().unwrap().last_ack_recv_ms = 42_000;
         assert_eq!(SocketHistory::new(&s, NOW_NS, 1).in_state_ms(NOW_NS), 42_000);
     }
 
     #[test]
     fn state_time_comes_from_the_probes_when_they_saw_the_change() {
-        let mut s = socket(1, 1, 0, 0);
+        let mut s = socket(1, TcpState::Established, 0, 0);
         let mut h = SocketHistory::new(&s, NOW_NS, 1);
-        s.diag.state = CLOSE_WAIT;
-        s.activity = Some(crate::snapshot::Activity {
-            state: u32::from(CLOSE_WAIT),
+        s.diag.state = TcpState::CloseWait;
+        s.activity = Some(crate::kernel::probes::Activity {
+            state: TcpState::CloseWait as u32,
             state_since_ns: NOW_NS - 3 * S,
             ..Default::default()
         });
@@ -254,7 +255,7 @@ mod tests {
 
     #[test]
     fn checkpoints_cover_the_window_and_no_more() {
-        let mut s = socket(1, 1, 0, 0);
+        let mut s = socket(1, TcpState::Established, 0, 0);
         let mut h = SocketHistory::new(&s, NOW_NS, 1);
         for i in 1..=100u64 {
             s.diag.tcp.as_mut().unwrap().bytes_received = i * 10;
@@ -269,7 +270,7 @@ mod tests {
 
     #[test]
     fn counters_and_clock_wrap_safely() {
-        let mut s = socket(1, 1, 0, 0);
+        let mut s = socket(1, TcpState::Established, 0, 0);
         s.diag.tcp.as_mut().unwrap().bytes_received = u64::from(u32::MAX) - 5;
         let h = SocketHistory::new(&s, NOW_NS, 1);
         let w = h.window(NOW_NS + 2 * S, u64::from(u32::MAX) + 10, 0);

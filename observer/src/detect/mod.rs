@@ -1,22 +1,27 @@
 //! Detection: from each poll's snapshot to findings ("this socket is stuck, and why"). Pure
-//! logic over snapshots; the only state is what the rules need to remember between polls.
+//! logic over snapshots; the only state is what the rules need to remember between polls, and
+//! the only clock is the snapshot's.
 mod history;
+pub mod policy;
+pub mod reason;
 pub mod rules;
+pub mod thresholds;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
-use std::sync::Arc;
-
-pub use self::rules::{Facts, KernelFacts};
 use self::{
     history::{ProcessHistory, SocketHistory},
+    policy::Subject,
     rules::SocketCtx,
+};
+pub use self::{
+    policy::Policy,
+    reason::Reason,
+    rules::{Facts, KernelSettings},
 };
 use crate::{
     fastmap::FastMap,
-    policy::{Policy, Subject},
-    reason::Reason,
-    snapshot::{Identity, ResetView, Snapshot},
+    snapshot::{Identity, ResetView, Snapshot, SocketView},
 };
 
 /// What an alert is about.
@@ -62,7 +67,7 @@ impl Finding {
 
 pub struct Detector {
     policy: Policy,
-    facts: KernelFacts,
+    kernel: KernelSettings,
     generation: u32,
     sockets: FastMap<u64, SocketHistory>,
     processes: FastMap<u32, ProcessHistory>,
@@ -71,10 +76,10 @@ pub struct Detector {
 }
 
 impl Detector {
-    pub fn new(policy: Policy, facts: KernelFacts) -> Self {
+    pub fn new(policy: Policy, kernel: KernelSettings) -> Self {
         Detector {
             policy,
-            facts,
+            kernel,
             generation: 0,
             sockets: FastMap::default(),
             processes: FastMap::default(),
@@ -94,8 +99,8 @@ impl Detector {
         let mut findings = Vec::new();
 
         for socket in &snapshot.sockets {
-            let applied = self.policy.apply(&socket.subject());
-            let window_ns = applied.thresholds.slow_after.as_nanos() as u64;
+            let applied = self.policy.apply(&subject_of(socket));
+            let window_ns = rules::rate_window_ns(&applied.thresholds);
             let history = self
                 .sockets
                 .entry(socket.cookie())
@@ -106,7 +111,7 @@ impl Detector {
                 socket,
                 history,
                 t: &applied.thresholds,
-                facts: self.facts,
+                kernel: self.kernel,
             };
             rules::socket_rules(&ctx, |facts| {
                 if !applied.ignored.contains(facts.reason()) {
@@ -163,6 +168,16 @@ impl Detector {
 
         findings.sort_by_key(|f| (f.target, f.reason()));
         findings
+    }
+}
+
+/// What policy rules match a socket against.
+fn subject_of(socket: &SocketView) -> Subject<'_> {
+    Subject {
+        local_port: Some(socket.local().port()),
+        remote_ip: Some(socket.remote().ip()),
+        pid: socket.owner.as_ref().map(|o| o.pid),
+        comm: socket.owner.as_ref().map(|o| &*o.comm),
     }
 }
 

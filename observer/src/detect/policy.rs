@@ -7,71 +7,15 @@ use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
 
-use crate::reason::Reason;
-
-/// Every threshold a detector uses.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Thresholds {
-    pub idle_timeout: Duration,
-    pub slow_after: Duration,
-    /// Bytes per second.
-    pub slow_min_rate: f64,
-    pub blocked_timeout: Duration,
-    pub retrans_timeout: Duration,
-    pub close_wait_timeout: Duration,
-    pub middlebox_idle: Duration,
-    /// Fraction of RLIMIT_NOFILE.
-    pub fd_threshold: f64,
-}
-
-pub const DEFAULT_THRESHOLDS: Thresholds = Thresholds {
-    idle_timeout: Duration::from_secs(60),
-    slow_after: Duration::from_secs(30),
-    slow_min_rate: 64.0,
-    blocked_timeout: Duration::from_secs(30),
-    retrans_timeout: Duration::from_secs(30),
-    close_wait_timeout: Duration::from_secs(60),
-    // AWS NLB drops idle flows after 350 s, Azure LB after 4 min: 5 min catches both.
-    middlebox_idle: Duration::from_secs(300),
-    fd_threshold: 0.9,
+use super::{
+    reason::Reason,
+    thresholds::{DEFAULT_THRESHOLDS, Overrides, Thresholds, threshold, with_thresholds},
 };
-
-/// Thresholds that a layer (file defaults, a rule, the command line) sets; the rest inherit.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Overrides {
-    pub idle_timeout: Option<Duration>,
-    pub slow_after: Option<Duration>,
-    pub slow_min_rate: Option<f64>,
-    pub blocked_timeout: Option<Duration>,
-    pub retrans_timeout: Option<Duration>,
-    pub close_wait_timeout: Option<Duration>,
-    pub middlebox_idle: Option<Duration>,
-    pub fd_threshold: Option<f64>,
-}
-
-impl Overrides {
-    fn apply_to(&self, t: &mut Thresholds) {
-        macro_rules! take {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { t.$field = v; } )* };
-        }
-        take!(
-            idle_timeout,
-            slow_after,
-            slow_min_rate,
-            blocked_timeout,
-            retrans_timeout,
-            close_wait_timeout,
-            middlebox_idle,
-            fd_threshold
-        );
-    }
-}
 
 /// A set of reasons, small enough to copy around per socket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,6 +115,7 @@ pub enum PolicyError {
     Invalid { path: PathBuf, line: usize, column: usize, message: String },
 }
 
+#[cfg(test)]
 impl Applied<'_> {
     pub fn rule_name(&self) -> Option<&str> {
         self.rule.map(|r| &**r)
@@ -243,6 +188,13 @@ impl Policy {
     }
 }
 
+/// Default thresholds but for the idle timeout, for tests elsewhere.
+#[cfg(test)]
+pub(crate) fn idle_after(timeout: std::time::Duration) -> Policy {
+    Policy::default()
+        .with_command_line(Overrides { idle_timeout: Some(timeout), ..Default::default() })
+}
+
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -261,61 +213,42 @@ struct PolicyFile {
     rule: Vec<RuleSection>,
 }
 
-/// Declares the threshold keys once for both `[defaults]` and `[[rule]]`.
-macro_rules! section {
-    ($name:ident { $($extra:tt)* }) => {
+/// A section of the file: `extra` keys, `ignore`, and every threshold key.
+macro_rules! policy_section {
+    ({ $section:ident { $($extra:tt)* } } $( $name:ident : $ty:ty = $default:expr, $help:literal; )*) => {
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct $name {
+        struct $section {
             $($extra)*
             #[serde(default)]
             ignore: Vec<ReasonName>,
-            #[serde(default, deserialize_with = "duration")]
-            idle_timeout: Option<Duration>,
-            #[serde(default, deserialize_with = "duration")]
-            slow_after: Option<Duration>,
-            #[serde(default, deserialize_with = "rate")]
-            slow_min_rate: Option<f64>,
-            #[serde(default, deserialize_with = "duration")]
-            blocked_timeout: Option<Duration>,
-            #[serde(default, deserialize_with = "duration")]
-            retrans_timeout: Option<Duration>,
-            #[serde(default, deserialize_with = "duration")]
-            close_wait_timeout: Option<Duration>,
-            #[serde(default, deserialize_with = "duration")]
-            middlebox_idle: Option<Duration>,
-            #[serde(default, deserialize_with = "fraction")]
-            fd_threshold: Option<f64>,
+            $(
+                #[serde(default, deserialize_with = "threshold")]
+                $name: Option<$ty>,
+            )*
         }
 
-        impl $name {
+        impl $section {
             fn overrides(&self) -> Overrides {
-                Overrides {
-                    idle_timeout: self.idle_timeout,
-                    slow_after: self.slow_after,
-                    slow_min_rate: self.slow_min_rate,
-                    blocked_timeout: self.blocked_timeout,
-                    retrans_timeout: self.retrans_timeout,
-                    close_wait_timeout: self.close_wait_timeout,
-                    middlebox_idle: self.middlebox_idle,
-                    fd_threshold: self.fd_threshold,
-                }
+                Overrides { $( $name: self.$name, )* }
             }
         }
     };
 }
 
-section!(DefaultsSection {});
-section!(RuleSection {
-    name: Option<String>,
-    #[serde(default, deserialize_with = "one_or_many")]
-    local_port: Vec<u16>,
-    #[serde(default, deserialize_with = "one_or_many")]
-    remote_cidr: Vec<Cidr>,
-    #[serde(default, deserialize_with = "one_or_many")]
-    pid: Vec<u32>,
-    #[serde(default, deserialize_with = "one_or_many")]
-    comm: Vec<String>,
+with_thresholds!(policy_section { DefaultsSection {} });
+with_thresholds!(policy_section {
+    RuleSection {
+        name: Option<String>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        local_port: Vec<u16>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        remote_cidr: Vec<Cidr>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        pid: Vec<u32>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        comm: Vec<String>,
+    }
 });
 
 struct ReasonName(Reason);
@@ -330,33 +263,6 @@ impl<'de> Deserialize<'de> for ReasonName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
         name.parse().map(ReasonName).map_err(de::Error::custom)
-    }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    match crate::cli::duration(&text) {
-        Ok(v) if !v.is_zero() => Ok(Some(v)),
-        Ok(_) => Err(de::Error::custom("a threshold must be greater than zero")),
-        Err(e) => Err(de::Error::custom(e)),
-    }
-}
-
-fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    let v = f64::deserialize(d)?;
-    if v.is_finite() && v > 0.0 {
-        Ok(Some(v))
-    } else {
-        Err(de::Error::custom("slow_min_rate is bytes per second and must be greater than zero"))
-    }
-}
-
-fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    let v = f64::deserialize(d)?;
-    if v > 0.0 && v <= 1.0 {
-        Ok(Some(v))
-    } else {
-        Err(de::Error::custom("fd_threshold is a fraction of the fd limit: above 0, at most 1"))
     }
 }
 
@@ -442,6 +348,8 @@ impl<'de> Deserialize<'de> for Cidr {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const EXAMPLE: &str = r#"
@@ -490,7 +398,7 @@ slow_min_rate = 8
         let office = policy.apply(&subject(9000, "10.1.2.3", "uploader"));
         assert!(office.ignored.contains(Reason::SlowTransfer));
         assert!(office.ignored.contains(Reason::KeepaliveMissing), "defaults' ignore still holds");
-        assert_eq!(office.thresholds.slow_min_rate, 8.0);
+        assert_eq!(office.thresholds.slow_min_rate.0, 8.0);
         // Every key of a rule must fit: right network, wrong program.
         assert!(policy.apply(&subject(9000, "10.1.2.3", "other")).rule_name().is_none());
         // IPv4 clients of an IPv6 socket match IPv4 blocks.
@@ -533,7 +441,7 @@ slow_min_rate = 8
     fn rules_with_socket_keys_do_not_apply_to_processes() {
         let policy = Policy::parse("[[rule]]\nlocal_port = 80\nfd_threshold = 0.5\n").unwrap();
         let process = Subject { pid: Some(7), comm: Some("srv"), ..Default::default() };
-        assert_eq!(policy.apply(&process).thresholds.fd_threshold, 0.9);
+        assert_eq!(policy.apply(&process).thresholds.fd_threshold.0, 0.9);
     }
 
     fn error_of(text: &str) -> String {
@@ -548,22 +456,21 @@ slow_min_rate = 8
 
     #[test]
     fn bad_files_are_rejected_with_line_and_reason() {
-        let e = error_of("[defaults]\nidle_timeout = \"60\"\n");
-        assert!(e.starts_with("FILE:2:") && e.contains("like 500ms, 2s or 5m"), "{e}");
-        let e = error_of("[[rule]]\nname = \"a\"\nignore = [\"idel\"]\n");
-        assert!(e.starts_with("FILE:3:") && e.contains("unknown reason 'idel'"), "{e}");
-        let e = error_of("\n\n[[rule]]\nremote_cidr = \"10.0.0.0/33\"\n");
-        assert!(e.starts_with("FILE:4:") && e.contains("address block"), "{e}");
-        let e = error_of("[[rule]]\nidle_timeuot = \"5s\"\n");
-        assert!(e.starts_with("FILE:2:") && e.contains("idle_timeuot"), "{e}");
-        let e = error_of("[defaults]\nfd_threshold = 1.5\n");
-        assert!(e.starts_with("FILE:2:") && e.contains("fraction"), "{e}");
-        let e = error_of("[defaults]\nlocal_port = 80\n");
-        assert!(e.starts_with("FILE:2:") && e.contains("local_port"), "{e}");
-        let e = error_of("[[rule]\n");
-        assert!(e.starts_with("FILE:1:"), "{e}");
-        let e = error_of("[[rule]]\nlocal_port = 70000\n");
-        assert!(e.starts_with("FILE:2:"), "{e}");
+        // (file, the line the error names, what the message says)
+        let cases = [
+            ("[defaults]\nidle_timeout = \"60\"\n", 2, "like 500ms, 2s or 5m"),
+            ("[[rule]]\nname = \"a\"\nignore = [\"idel\"]\n", 3, "unknown reason 'idel'"),
+            ("\n\n[[rule]]\nremote_cidr = \"10.0.0.0/33\"\n", 4, "address block"),
+            ("[[rule]]\nidle_timeuot = \"5s\"\n", 2, "idle_timeuot"),
+            ("[defaults]\nfd_threshold = 1.5\n", 2, "fraction"),
+            ("[defaults]\nlocal_port = 80\n", 2, "local_port"),
+            ("[[rule]\n", 1, ""),
+            ("[[rule]]\nlocal_port = 70000\n", 2, ""),
+        ];
+        for (text, line, says) in cases {
+            let e = error_of(text);
+            assert!(e.starts_with(&format!("FILE:{line}:")) && e.contains(says), "{text:?}: {e}");
+        }
     }
 
     #[test]

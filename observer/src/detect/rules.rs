@@ -5,35 +5,31 @@
 //! and the JSON numbers are rendered only when an alert is actually raised.
 use serde_json::{Map, Value, json};
 
-use super::history::{ProcessHistory, SocketHistory};
-use crate::{
-    policy::Thresholds,
+use observer_common::{Direction, TcpState};
+
+use super::{
+    history::{ProcessHistory, SocketHistory},
     reason::Reason,
-    snapshot::{ProcessView, ResetView, SocketView},
+    thresholds::Thresholds,
 };
+use crate::snapshot::{ProcessView, ResetView, SocketView};
 
 const MS: u64 = 1_000_000;
 /// Accept errors and listener drops count as "happening now" for this long after the last one.
 pub const RECENT_MS: u64 = 10_000;
 
-const ESTABLISHED: u8 = 1;
-const FIN_WAIT1: u8 = 4;
-const CLOSE_WAIT: u8 = 8;
-const LAST_ACK: u8 = 9;
-const LISTEN: u8 = 10;
-const CLOSING: u8 = 11;
 const TIMER_KEEPALIVE: u8 = 2;
 
 /// Kernel settings the rules quote.
 #[derive(Clone, Copy, Debug)]
-pub struct KernelFacts {
+pub struct KernelSettings {
     /// net.ipv4.tcp_retries2: how many retransmission timeouts before the kernel gives up.
     pub tcp_retries2: u32,
 }
 
-impl Default for KernelFacts {
+impl Default for KernelSettings {
     fn default() -> Self {
-        KernelFacts { tcp_retries2: 15 }
+        KernelSettings { tcp_retries2: 15 }
     }
 }
 
@@ -162,7 +158,7 @@ impl Facts {
                 json!({ "fds_used": used, "fds_limit": limit, "accept_errors": accept_errors })
             }
             Facts::ResetUnread(r) => json!({
-                "direction": if r.sent { "sent" } else { "received" },
+                "direction": match r.direction { Direction::Send => "sent", Direction::Recv => "received" },
                 "unread_bytes": r.unread,
                 "unsent_bytes": r.unsent,
             }),
@@ -262,14 +258,14 @@ impl Facts {
                     )
                 }
             }
-            Facts::ResetUnread(r) if r.sent && r.unread > 0 => format!(
+            Facts::ResetUnread(r) if r.direction == Direction::Send && r.unread > 0 => format!(
                 "The application closed this connection with {} received bytes unread, so the \
                  kernel sent a reset instead of a FIN: the peer may lose the response it had not \
                  read yet (lingering close). Read the request fully, or shutdown(SHUT_WR) and \
                  drain, before close().",
                 r.unread
             ),
-            Facts::ResetUnread(r) if r.sent => format!(
+            Facts::ResetUnread(r) if r.direction == Direction::Send => format!(
                 "This side reset the connection with {} bytes not yet acknowledged by the peer: \
                  they are lost (an abortive close, e.g. SO_LINGER 0).",
                 r.unsent
@@ -288,11 +284,16 @@ pub struct SocketCtx<'a> {
     pub socket: &'a SocketView,
     pub history: &'a SocketHistory,
     pub t: &'a Thresholds,
-    pub facts: KernelFacts,
+    pub kernel: KernelSettings,
 }
 
 fn ms(d: std::time::Duration) -> u64 {
     d.as_millis() as u64
+}
+
+/// The span byte rates are measured over (what `SocketHistory` keeps checkpoints for).
+pub fn rate_window_ns(t: &Thresholds) -> u64 {
+    t.slow_after.as_nanos() as u64
 }
 
 /// Every rule's verdict on one socket, at most one per reason.
@@ -312,7 +313,7 @@ pub fn socket_rules(c: &SocketCtx, mut found: impl FnMut(Facts)) {
 fn idle(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
     // Data waiting to go out is a send-side stall (blocked_send, retransmitting), not silence.
-    if d.state != ESTABLISHED || d.wqueue > 0 {
+    if d.state != TcpState::Established || d.wqueue > 0 {
         return None;
     }
     let idle_ms = c.socket.idle_ms(c.now_ns)?;
@@ -323,7 +324,7 @@ fn idle(c: &SocketCtx) -> Option<Facts> {
 fn slow_transfer(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
     let tcp = d.tcp?;
-    if d.state != ESTABLISHED {
+    if d.state != TcpState::Established {
         return None;
     }
     let window_ms = ms(c.t.slow_after);
@@ -342,24 +343,33 @@ fn slow_transfer(c: &SocketCtx) -> Option<Facts> {
         return None;
     };
     let rate = bytes as f64 / (w.span_ms as f64 / 1000.0);
-    (sustained && rate < c.t.slow_min_rate).then_some(Facts::SlowTransfer {
+    (sustained && rate < c.t.slow_min_rate.0).then_some(Facts::SlowTransfer {
         receiving,
         bytes,
         window_ms: w.span_ms,
         rate,
-        min_rate: c.t.slow_min_rate,
+        min_rate: c.t.slow_min_rate.0,
     })
+}
+
+/// How long the peer has acknowledged nothing new, if that is at least `timeout`.
+fn stalled_longer_than(c: &SocketCtx, timeout: std::time::Duration) -> Option<u64> {
+    let stalled_ms = c.history.stalled_ms(c.now_ns);
+    (stalled_ms >= ms(timeout)).then_some(stalled_ms)
 }
 
 fn blocked_send(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
     let tcp = d.tcp?;
     // A peer that answers (no retransmission timeouts) but takes nothing: window closed.
-    if !matches!(d.state, ESTABLISHED | CLOSE_WAIT) || d.wqueue == 0 || tcp.retransmits > 0 {
+    if !matches!(d.state, TcpState::Established | TcpState::CloseWait)
+        || d.wqueue == 0
+        || tcp.retransmits > 0
+    {
         return None;
     }
-    let stalled_ms = c.history.stalled_ms(c.now_ns);
-    (stalled_ms >= ms(c.t.blocked_timeout)).then_some(Facts::BlockedSend {
+    let stalled_ms = stalled_longer_than(c, c.t.blocked_timeout)?;
+    Some(Facts::BlockedSend {
         stalled_ms,
         queued: d.wqueue,
         unsent: tcp.notsent_bytes,
@@ -384,26 +394,32 @@ pub fn retransmit_give_up_ms(retries2: u32) -> u64 {
 fn retransmitting(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
     let tcp = d.tcp?;
-    if !matches!(d.state, ESTABLISHED | CLOSE_WAIT | FIN_WAIT1 | CLOSING | LAST_ACK)
-        || tcp.unacked == 0
+    if !matches!(
+        d.state,
+        TcpState::Established
+            | TcpState::CloseWait
+            | TcpState::FinWait1
+            | TcpState::Closing
+            | TcpState::LastAck
+    ) || tcp.unacked == 0
         || tcp.retransmits == 0
     {
         return None;
     }
-    let stalled_ms = c.history.stalled_ms(c.now_ns);
-    (stalled_ms >= ms(c.t.retrans_timeout)).then_some(Facts::Retransmitting {
+    let stalled_ms = stalled_longer_than(c, c.t.retrans_timeout)?;
+    Some(Facts::Retransmitting {
         stalled_ms,
         in_a_row: tcp.retransmits,
         unacked: tcp.unacked,
         rto_ms: tcp.rto_us / 1000,
-        give_up_ms: retransmit_give_up_ms(c.facts.tcp_retries2),
-        retries2: c.facts.tcp_retries2,
+        give_up_ms: retransmit_give_up_ms(c.kernel.tcp_retries2),
+        retries2: c.kernel.tcp_retries2,
     })
 }
 
 fn close_wait(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
-    if d.state != CLOSE_WAIT {
+    if d.state != TcpState::CloseWait {
         return None;
     }
     let close_wait_ms = c.history.in_state_ms(c.now_ns);
@@ -413,7 +429,7 @@ fn close_wait(c: &SocketCtx) -> Option<Facts> {
 
 fn accept_queue_overflow(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
-    if d.state != LISTEN {
+    if d.state != TcpState::Listen {
         return None;
     }
     // For a listener, rqueue is the accept queue's length and wqueue its limit.
@@ -437,7 +453,7 @@ fn keepalive_missing(c: &SocketCtx) -> Option<Facts> {
         }
         v4 => v4,
     };
-    if d.state != ESTABLISHED || d.wqueue > 0 || remote.is_loopback() {
+    if d.state != TcpState::Established || d.wqueue > 0 || remote.is_loopback() {
         return None;
     }
     let limit_ms = ms(c.t.middlebox_idle);
@@ -465,7 +481,7 @@ pub fn fd_pressure(
     t: &Thresholds,
 ) -> Option<Facts> {
     let near =
-        p.fd_limit.is_some_and(|l| f64::from(p.fds_used) >= (t.fd_threshold * l as f64).ceil());
+        p.fd_limit.is_some_and(|l| f64::from(p.fds_used) >= (t.fd_threshold.0 * l as f64).ceil());
     let failing =
         h.last_accept_error_ns.is_some_and(|at| now_ns.saturating_sub(at) / MS < RECENT_MS);
     (near || failing).then_some(Facts::FdPressure {
@@ -473,7 +489,7 @@ pub fn fd_pressure(
         used: p.fds_used,
         limit: p.fd_limit,
         accept_errors: p.accept_errors,
-        threshold: t.fd_threshold,
+        threshold: t.fd_threshold.0,
     })
 }
 

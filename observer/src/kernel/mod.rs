@@ -1,8 +1,13 @@
-//! What the kernel knows about sockets: the sock_diag table and, per network namespace, a netlink
-//! socket to read it from.
-pub mod bpf_batch;
+//! What the kernel says, and nothing else: the BPF probes and their maps, the sock_diag socket
+//! table (per network namespace), /proc, BTF and system settings. Nothing here knows what a stuck
+//! connection is.
+pub mod btf;
 pub mod netns;
+pub mod probes;
+pub mod procfs;
 pub mod sock_diag;
+pub mod syscalls;
+pub mod system;
 pub mod tcp_info;
 
 use std::{

@@ -295,7 +295,7 @@ pub struct BlockedCall {
 
 /// The threads of `pid` with what each is blocked in. Reading a thread's syscall file needs
 /// ptrace access; without it the thread is listed as not blocked.
-pub fn threads(pid: u32) -> Vec<ThreadState> {
+pub fn thread_states(pid: u32) -> Vec<ThreadState> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return vec![];
     };
@@ -323,7 +323,7 @@ pub fn parse_syscall_line(line: &str) -> Option<BlockedCall> {
         .take(6)
         .map(|a| i64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
         .collect::<Option<_>>()?;
-    let call = crate::syscalls::by_nr(nr)?;
+    let call = super::syscalls::by_nr(nr)?;
     let fd = *args.get(call.fd_arg)?;
     Some(BlockedCall { syscall: call.name, fd: i32::try_from(fd).ok()? })
 }
@@ -361,7 +361,7 @@ mod tests {
         assert!(id.is_alive());
         let gone = ProcessIdentity { start_time: id.start_time + 1, ..id };
         assert!(!gone.is_alive(), "a different start time is a different process");
-        assert!(threads(me).iter().any(|t| t.tid == me));
+        assert!(thread_states(me).iter().any(|t| t.tid == me));
     }
 
     #[test]

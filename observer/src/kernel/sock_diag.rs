@@ -7,6 +7,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+use observer_common::{TcpState, TcpStates};
 use thiserror::Error;
 
 use super::tcp_info::TcpInfo;
@@ -107,7 +108,7 @@ impl std::fmt::Debug for Endpoint {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiagSocket {
     pub family: u8,
-    pub state: u8,
+    pub state: TcpState,
     /// Which timer is pending: 0 none, 1 retransmit, 2 keepalive, 3 TIME_WAIT, 4 zero-window probe.
     pub timer: u8,
     /// Milliseconds until that timer fires.
@@ -156,9 +157,9 @@ impl DiagSocketHandle {
         Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) }, seq: 0, both_families_at_once: true })
     }
 
-    /// All TCP sockets of both address families whose state is in `states` (a bit per state),
-    /// with tcp_info, shutdown state and memory counters.
-    pub fn dump_tcp(&mut self, states: u32) -> Result<Vec<DiagSocket>, DiagError> {
+    /// All TCP sockets of both address families whose state is in `states`, with tcp_info and
+    /// memory counters.
+    pub fn dump_tcp(&mut self, states: TcpStates) -> Result<Vec<DiagSocket>, DiagError> {
         self.dump_tcp_with(states, Extensions::ALL, None)
     }
 
@@ -167,7 +168,7 @@ impl DiagSocketHandle {
     /// the others).
     pub fn dump_tcp_with(
         &mut self,
-        states: u32,
+        states: TcpStates,
         extensions: Extensions,
         filter: Option<&PortFilter>,
     ) -> Result<Vec<DiagSocket>, DiagError> {
@@ -180,7 +181,7 @@ impl DiagSocketHandle {
     /// can build its own records without a second copy of the table in memory).
     pub fn dump_each(
         &mut self,
-        states: u32,
+        states: TcpStates,
         extensions: Extensions,
         filter: Option<&PortFilter>,
         mut each: impl FnMut(DiagSocket),
@@ -195,7 +196,7 @@ impl DiagSocketHandle {
             request
         };
         if self.both_families_at_once {
-            let request = with_filter(encode_compat_request(states, extensions));
+            let request = with_filter(encode_compat_request(states.bits(), extensions));
             self.send(TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, &request)?;
             let mut delivered = false;
             let result = self.receive(|msg_type, payload| {
@@ -217,7 +218,7 @@ impl DiagSocketHandle {
             }
         }
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-            let request = with_filter(encode_request(family, states, extensions, None));
+            let request = with_filter(encode_request(family, states.bits(), extensions, None));
             self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request)?;
             self.receive(|msg_type, payload| {
                 if msg_type == SOCK_DIAG_BY_FAMILY {
@@ -452,10 +453,6 @@ impl Extensions {
     /// Socket memory counters, of which the drop count matters (for listeners).
     pub const MEMINFO: Extensions = Extensions(1 << (INET_DIAG_SKMEMINFO - 1));
     pub const ALL: Extensions = Extensions(Self::INFO.0 | Self::MEMINFO.0);
-
-    pub const fn with(self, other: Extensions) -> Extensions {
-        Extensions(self.0 | other.0)
-    }
 }
 
 fn encode_request(family: u8, states: u32, extensions: Extensions, id: Option<&SockId>) -> Vec<u8> {
@@ -539,7 +536,9 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         | u64::from(u32::from_ne_bytes(id[44..48].try_into().unwrap())) << 32;
     let mut socket = DiagSocket {
         family,
-        state: payload[1],
+        // Dumps ask only for states this type names: anything else is a broken reply.
+        state: TcpState::from_raw(u32::from(payload[1]))
+            .ok_or(DiagError::Malformed("unknown TCP state"))?,
         timer: payload[2],
         local: parse_addr(family, &id[4..20], sport),
         remote: parse_addr(family, &id[20..36], dport),
@@ -617,7 +616,7 @@ mod tests {
         let s = parse_diag_msg(&sample_msg(libc::AF_INET as u8)).unwrap();
         assert_eq!(s.local.to_string(), "127.0.0.1:8080");
         assert_eq!(s.remote.to_string(), "10.1.2.3:51234");
-        assert_eq!((s.state, s.timer, s.timer_expires_ms), (1, 2, 7000));
+        assert_eq!((s.state, s.timer, s.timer_expires_ms), (TcpState::Established, 2, 7000));
         assert_eq!((s.rqueue, s.wqueue, s.inode), (5, 10, 4242));
         assert_eq!(s.cookie, 0x1_0000_0002);
         assert_eq!(s.drops, Some(800));

@@ -2,7 +2,7 @@
 //! serves /proc parsing, the probes' syscall filter, and naming what a thread is blocked in.
 use observer_common::syscall_kind;
 
-pub struct SocketCall {
+pub struct SocketSyscall {
     pub nr: i64,
     pub name: &'static str,
     /// Which argument holds the fd the call blocks on.
@@ -10,13 +10,13 @@ pub struct SocketCall {
     pub kind: u32,
 }
 
-const fn call(nr: i64, name: &'static str, fd_arg: usize, kind: u32) -> SocketCall {
-    SocketCall { nr, name, fd_arg, kind }
+const fn call(nr: i64, name: &'static str, fd_arg: usize, kind: u32) -> SocketSyscall {
+    SocketSyscall { nr, name, fd_arg, kind }
 }
 
 const FD: u32 = syscall_kind::FD_CALL;
 
-pub const SOCKET_CALLS: &[SocketCall] = &[
+pub const SOCKET_SYSCALLS: &[SocketSyscall] = &[
     call(libc::SYS_read, "read", 0, FD),
     call(libc::SYS_write, "write", 0, FD),
     call(libc::SYS_readv, "readv", 0, FD),
@@ -35,8 +35,8 @@ pub const SOCKET_CALLS: &[SocketCall] = &[
     call(libc::SYS_splice, "splice", 2, syscall_kind::NONE),
 ];
 
-pub fn by_nr(nr: i64) -> Option<&'static SocketCall> {
-    SOCKET_CALLS.iter().find(|c| c.nr == nr)
+pub fn by_nr(nr: i64) -> Option<&'static SocketSyscall> {
+    SOCKET_SYSCALLS.iter().find(|c| c.nr == nr)
 }
 
 #[cfg(test)]
@@ -45,8 +45,8 @@ mod tests {
 
     #[test]
     fn numbers_are_distinct_and_named() {
-        for (i, a) in SOCKET_CALLS.iter().enumerate() {
-            assert!(SOCKET_CALLS[i + 1..].iter().all(|b| b.nr != a.nr), "{} twice", a.name);
+        for (i, a) in SOCKET_SYSCALLS.iter().enumerate() {
+            assert!(SOCKET_SYSCALLS[i + 1..].iter().all(|b| b.nr != a.nr), "{} twice", a.name);
             assert_eq!(by_nr(a.nr).unwrap().name, a.name);
         }
         assert!(by_nr(libc::SYS_nanosleep).is_none());

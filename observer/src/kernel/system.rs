@@ -75,20 +75,6 @@ pub fn tracefs_mounted() -> bool {
     Path::new(TRACEFS).join("events").is_dir()
 }
 
-/// Mounts tracefs where the kernel expects it, if it is not there yet.
-pub fn mount_tracefs() -> nix::Result<()> {
-    if tracefs_mounted() {
-        return Ok(());
-    }
-    nix::mount::mount(
-        Some("tracefs"),
-        TRACEFS,
-        Some("tracefs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-}
-
 /// Serves every allocation of 1 MiB or more with its own mapping. The poll's big tables then grow
 /// by mremap (no copy, so never held twice) and go back to the system when freed; glibc's
 /// default would move ever larger ones onto the heap, where growth copies and frees linger.
@@ -132,11 +118,5 @@ mod tests {
         assert_eq!(missing_for_watch(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
         let admin_and_ptrace = (1 << 21) | (1 << 19);
         assert!(missing_for_watch(admin_and_ptrace).is_empty(), "SYS_ADMIN covers BPF and PERFMON");
-    }
-
-    #[test]
-    fn monotonic_clock_moves_forward() {
-        let a = monotonic_ns();
-        assert!(monotonic_ns() >= a);
     }
 }

@@ -11,12 +11,9 @@ use serde_json::{Map, Value};
 
 use crate::{
     act::{ActResult, Mode, Outcome},
-    alerts::{ClearWhy, Cleared},
-    detect::Finding,
-    policy::Thresholds,
-    reason::Reason,
+    alerts::{ClearWhy, Cleared, attribution::ThreadInfo},
+    detect::{Finding, Reason, thresholds::Thresholds},
     snapshot::{Identity, SocketView},
-    threads::ThreadInfo,
 };
 
 /// RFC 3339 UTC with milliseconds, e.g. 2026-11-22T19:22:23.123Z.
@@ -112,37 +109,10 @@ pub struct StartedEvent {
     pub syscall_timing: bool,
     /// The policy file in effect, if any.
     pub config: Option<String>,
-    /// Thresholds for connections no policy rule matches.
+    /// Thresholds for connections no policy rule matches, each under its name and unit
+    /// (`*_ms` for durations, ...).
     #[serde(flatten)]
-    pub thresholds: ThresholdsReport,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ThresholdsReport {
-    pub idle_timeout_ms: u64,
-    pub slow_after_ms: u64,
-    pub slow_min_rate_bytes_per_sec: f64,
-    pub blocked_timeout_ms: u64,
-    pub retrans_timeout_ms: u64,
-    pub close_wait_timeout_ms: u64,
-    pub middlebox_idle_ms: u64,
-    pub fd_threshold: f64,
-}
-
-impl From<Thresholds> for ThresholdsReport {
-    fn from(t: Thresholds) -> Self {
-        let ms = |d: std::time::Duration| d.as_millis() as u64;
-        ThresholdsReport {
-            idle_timeout_ms: ms(t.idle_timeout),
-            slow_after_ms: ms(t.slow_after),
-            slow_min_rate_bytes_per_sec: t.slow_min_rate,
-            blocked_timeout_ms: ms(t.blocked_timeout),
-            retrans_timeout_ms: ms(t.retrans_timeout),
-            close_wait_timeout_ms: ms(t.close_wait_timeout),
-            middlebox_idle_ms: ms(t.middlebox_idle),
-            fd_threshold: t.fd_threshold,
-        }
-    }
+    pub thresholds: Thresholds,
 }
 
 /// The agent's own health, every `--stats-interval`.
@@ -245,6 +215,8 @@ impl<W: Write> Output<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use observer_common::TcpState;
+
     use crate::snapshot::fixtures::*;
 
     fn emit(event: &Event) -> Value {
@@ -265,7 +237,7 @@ mod tests {
 
     #[test]
     fn alert_has_every_contract_field() {
-        let socket = socket(7, 1, 61_000, 62_000);
+        let socket = socket(7, TcpState::Established, 61_000, 62_000);
         let threads = vec![ThreadInfo {
             tid: 9,
             name: "worker".into(),
@@ -309,7 +281,7 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_are_bracketed() {
-        let mut socket = socket(1, 1, 0, 0);
+        let mut socket = socket(1, TcpState::Established, 0, 0);
         socket.diag.local = "[::1]:8080".parse().unwrap();
         let v = serde_json::to_value(Identity::of_socket(&socket)).unwrap();
         assert_eq!(v["local"], "[::1]:8080");
@@ -318,7 +290,7 @@ mod tests {
     #[test]
     fn cleared_and_lifecycle_events() {
         let cleared = Cleared {
-            identity: Identity::of_socket(&socket(3, 1, 0, 0)),
+            identity: Identity::of_socket(&socket(3, TcpState::Established, 0, 0)),
             reason: Reason::Idle,
             why: ClearWhy::SocketClosed,
         };
@@ -336,7 +308,7 @@ mod tests {
 
     #[test]
     fn action_event_shape() {
-        let identity = Identity::of_socket(&socket(4, 1, 0, 0));
+        let identity = Identity::of_socket(&socket(4, TcpState::Established, 0, 0));
         let failed = ActResult::fail(Outcome::AlreadyGone, "gone");
         let v = emit(&Event::Action(ActionEvent::new(
             SystemTime::UNIX_EPOCH,

@@ -6,31 +6,25 @@
 //! connections with tcp_info, filtered to the watched ports or away from the watched server's
 //! local clients) and reads only the fd links that may have changed since the last poll.
 use std::{
-    collections::{BTreeMap, HashMap, btree_map::Entry},
+    collections::{BTreeMap, btree_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use observer_common::{RESET_SENT, ResetEvent};
+use observer_common::{Direction, ResetEvent, TcpState, TcpStates};
 
+use super::{ProcessView, ResetView, Snapshot, SocketView};
 use crate::{
     fastmap::{FastMap, FastSet},
     kernel::{
         netns,
+        probes::{self, Probes},
+        procfs::{self, FdCache, Owner},
         sock_diag::{DiagSocket, DiagSocketHandle, Extensions, PortFilter},
+        system,
     },
-    probes::Probes,
-    procfs::{self, FdCache, Owner},
-    snapshot::{ProcessView, ResetView, Snapshot, SocketView},
-    system, threads,
 };
-
-const LISTEN: u8 = 10;
-const LISTEN_STATES: u32 = 1 << LISTEN;
-/// Connections: every state but LISTEN, TIME_WAIT and NEW_SYN_RECV. The last two are not full
-/// sockets: they have no owner, no fd and cannot hold a thread.
-const CONNECTION_STATES: u32 = ((1 << 12) - 2) & !(1 << 6) & !LISTEN_STATES;
 /// From this many sockets on, the connection dump is split in two and run on two threads. Each
 /// still walks the whole table, but fills in and hands over only its half (at 100k watched
 /// sockets: ~147 ms against ~187 ms on one thread).
@@ -145,7 +139,9 @@ impl Collector {
             let view = |diag| SocketView { diag, netns, owner: None, activity: None };
             // Listeners are few; their drop counter (meminfo) tells of accept queue overflows.
             handle
-                .dump_each(LISTEN_STATES, Extensions::MEMINFO, None, |d| sockets.push(view(d)))
+                .dump_each(TcpStates::LISTENING, Extensions::MEMINFO, None, |d| {
+                    sockets.push(view(d))
+                })
                 .context("reading the TCP socket table")?;
             let helper = if parallel {
                 match self.helpers.entry(netns) {
@@ -174,7 +170,7 @@ impl Collector {
             };
             let Some(helper) = helper else {
                 handle
-                    .dump_each(CONNECTION_STATES, Extensions::INFO, filter.as_ref(), |d| {
+                    .dump_each(TcpStates::CONNECTIONS, Extensions::INFO, filter.as_ref(), |d| {
                         sockets.push(view(d))
                     })
                     .context("reading the TCP socket table")?;
@@ -199,8 +195,11 @@ impl Collector {
                 let (batches, arrivals) = std::sync::mpsc::sync_channel::<Vec<DiagSocket>>(64);
                 let theirs = scope.spawn(move || {
                     let mut batch = Vec::with_capacity(HANDOFF_BATCH);
-                    let result =
-                        helper.dump_each(CONNECTION_STATES, Extensions::INFO, high.as_ref(), |d| {
+                    let result = helper.dump_each(
+                        TcpStates::CONNECTIONS,
+                        Extensions::INFO,
+                        high.as_ref(),
+                        |d| {
                             batch.push(d);
                             if batch.len() == HANDOFF_BATCH {
                                 let full = std::mem::replace(
@@ -210,12 +209,13 @@ impl Collector {
                                 // The receiver lives until this thread is joined.
                                 let _ = batches.send(full);
                             }
-                        });
+                        },
+                    );
                     let _ = batches.send(batch);
                     result
                 });
                 let mine =
-                    handle.dump_each(CONNECTION_STATES, Extensions::INFO, low.as_ref(), |d| {
+                    handle.dump_each(TcpStates::CONNECTIONS, Extensions::INFO, low.as_ref(), |d| {
                         sockets.push(view(d));
                         while let Ok(batch) = arrivals.try_recv() {
                             take(&mut sockets, batch);
@@ -235,7 +235,7 @@ impl Collector {
         if sockets.len() >= PARALLEL_DUMP_FROM {
             let mut remote: Vec<u16> = sockets
                 .iter()
-                .filter(|s| s.diag.state != LISTEN)
+                .filter(|s| s.diag.state != TcpState::Listen)
                 .map(|s| s.diag.remote.port())
                 .collect();
             let middle = remote.len() / 2;
@@ -275,7 +275,7 @@ impl Collector {
             if pids.is_some() && socket.owner.is_none() {
                 return false;
             }
-            if diag.state == LISTEN {
+            if diag.state == TcpState::Listen {
                 listen_ports.push(diag.local.port());
             }
             true
@@ -324,10 +324,11 @@ impl Collector {
                     && port_in_scope(r.local.port(), r.remote.port())
             })
             .collect();
-        let thread_calls =
-            if probes.tracks_threads() { probes.thread_calls() } else { HashMap::new() };
-        let mut snapshot = Snapshot::new(taken_ns, sockets, processes, resets, thread_calls)
-            .with_sock_calls(probes.sock_calls());
+        let mut snapshot = Snapshot::new(taken_ns, sockets, processes, resets);
+        if probes.tracks_threads() {
+            snapshot.thread_syscalls = probes.thread_syscalls();
+        }
+        snapshot.thread_tcp_calls = probes.thread_tcp_calls();
         phases.mark("join");
         // Streamed into the snapshot's sockets: a table of 100k entries would be built otherwise.
         snapshot.map_entries = probes
@@ -385,7 +386,7 @@ fn reset_view(event: &ResetEvent, owner: Option<&Owner>) -> ResetView {
         // The process still holding the socket is the surest owner; else whom the probes saw.
         pid: owner.map_or(event.tgid, |o| o.pid),
         tid: event.tid,
-        thread_name: match threads::comm_str(&event.comm) {
+        thread_name: match probes::comm_str(&event.comm) {
             // In softirq the probes only know the socket's last user: name it from /proc.
             name if name.is_empty() => {
                 procfs::thread_name(event.tgid, event.tid).unwrap_or_else(|| "(exited)".into())
@@ -394,13 +395,13 @@ fn reset_view(event: &ResetEvent, owner: Option<&Owner>) -> ResetView {
         },
         // Alerts name the process; the thread's own name goes in `threads`.
         comm: owner.map(|o| o.comm.to_string()).unwrap_or_else(|| {
-            procfs::comm(event.tgid).unwrap_or_else(|| threads::comm_str(&event.comm))
+            procfs::comm(event.tgid).unwrap_or_else(|| probes::comm_str(&event.comm))
         }),
         fd: owner.map(|o| o.fd),
         local: addr(&event.local_addr, event.local_port),
         remote: addr(&event.remote_addr, event.remote_port),
-        state: event.state,
-        sent: event.direction == RESET_SENT,
+        state: TcpState::from_raw(u32::from(event.state)),
+        direction: Direction::from_raw(event.direction),
         unread: event.unread,
         unsent: event.unsent,
     }

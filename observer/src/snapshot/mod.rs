@@ -3,35 +3,16 @@
 //! output) is a pure function of snapshots.
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
-use observer_common::{SockActivity, SockCall, ThreadCall};
-
-/// What the probes recorded about a socket that detection and attribution use: a compact copy
-/// of the map entry (one per watched socket per poll).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Activity {
-    pub last_send_ns: u64,
-    pub last_recv_ns: u64,
-    pub state_since_ns: u64,
-    pub state: u32,
-    pub last_tgid: u32,
-    pub last_tid: u32,
-}
-
-impl From<&SockActivity> for Activity {
-    fn from(a: &SockActivity) -> Self {
-        Activity {
-            last_send_ns: a.last_send_ns,
-            last_recv_ns: a.last_recv_ns,
-            state_since_ns: a.state_since_ns,
-            state: a.state,
-            last_tgid: a.last_tgid,
-            last_tid: a.last_tid,
-        }
-    }
-}
+use observer_common::{Direction, TcpState, ThreadSyscall, ThreadTcpCall};
 use serde::Serialize;
 
-use crate::{fastmap::FastMap, kernel::sock_diag::DiagSocket, policy::Subject, procfs::Owner};
+pub use self::collect::Collector;
+use crate::{
+    fastmap::FastMap,
+    kernel::{probes::Activity, procfs::Owner, sock_diag::DiagSocket},
+};
+
+mod collect;
 
 #[derive(Clone, Debug)]
 pub struct SocketView {
@@ -67,9 +48,10 @@ pub struct ResetView {
     pub fd: Option<i32>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    pub state: u8,
-    /// True when this side sent the reset, false when it received it.
-    pub sent: bool,
+    /// `None` for a state the probes' number does not name.
+    pub state: Option<TcpState>,
+    /// `Send` when this side sent the reset, `Recv` when it received it.
+    pub direction: Direction,
     pub unread: u32,
     pub unsent: u32,
 }
@@ -81,10 +63,10 @@ pub struct Snapshot {
     pub sockets: Vec<SocketView>,
     pub processes: Vec<ProcessView>,
     pub resets: Vec<ResetView>,
-    /// Each watched thread's current or last socket syscall (empty without --pid).
-    pub thread_calls: HashMap<u32, ThreadCall>,
+    /// Each watched thread's current or last socket syscall (empty without --syscall-timing).
+    pub thread_syscalls: HashMap<u32, ThreadSyscall>,
     /// Threads inside a TCP send or receive now (fentry and kprobe backends).
-    pub sock_calls: HashMap<u32, SockCall>,
+    pub thread_tcp_calls: HashMap<u32, ThreadTcpCall>,
     /// Entries in the probes' socket map (for the agent's own health report).
     pub map_entries: usize,
     by_cookie: FastMap<u64, usize>,
@@ -96,25 +78,18 @@ impl Snapshot {
         sockets: Vec<SocketView>,
         processes: Vec<ProcessView>,
         resets: Vec<ResetView>,
-        thread_calls: HashMap<u32, ThreadCall>,
     ) -> Snapshot {
         let by_cookie = sockets.iter().enumerate().map(|(i, s)| (s.diag.cookie, i)).collect();
-        let sock_calls = HashMap::new();
         Snapshot {
             taken_ns,
             sockets,
             processes,
             resets,
-            thread_calls,
-            sock_calls,
+            thread_syscalls: HashMap::new(),
+            thread_tcp_calls: HashMap::new(),
             map_entries: 0,
             by_cookie,
         }
-    }
-
-    pub fn with_sock_calls(mut self, sock_calls: HashMap<u32, SockCall>) -> Snapshot {
-        self.sock_calls = sock_calls;
-        self
     }
 
     /// Records what the probes saw about the socket `cookie`, if it is in this snapshot; returns
@@ -180,7 +155,7 @@ impl Identity {
             cookie: Some(socket.cookie()),
             local: Some(socket.local()),
             remote: Some(socket.remote()),
-            state: Some(state_name(socket.diag.state)),
+            state: Some(socket.diag.state.name()),
         }
     }
 
@@ -204,26 +179,8 @@ impl Identity {
             cookie: Some(reset.cookie),
             local: Some(reset.local),
             remote: Some(reset.remote),
-            state: Some(state_name(reset.state)),
+            state: Some(reset.state.map_or("UNKNOWN", TcpState::name)),
         }
-    }
-}
-
-pub fn state_name(state: u8) -> &'static str {
-    match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
     }
 }
 
@@ -277,16 +234,6 @@ impl SocketView {
     pub fn retransmits(&self) -> u64 {
         self.diag.tcp.map_or(0, |t| u64::from(t.total_retrans))
     }
-
-    /// What policy rules match this socket against.
-    pub fn subject(&self) -> Subject<'_> {
-        Subject {
-            local_port: Some(self.local().port()),
-            remote_ip: Some(self.remote().ip()),
-            pid: self.owner.as_ref().map(|o| o.pid),
-            comm: self.owner.as_ref().map(|o| &*o.comm),
-        }
-    }
 }
 
 fn min_known(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -305,10 +252,15 @@ pub mod fixtures {
     pub const NOW_NS: u64 = 1_000_000_000_000;
 
     pub fn snapshot(sockets: Vec<SocketView>) -> Snapshot {
-        Snapshot::new(NOW_NS, sockets, vec![], vec![], Default::default())
+        Snapshot::new(NOW_NS, sockets, vec![], vec![])
     }
 
-    pub fn socket(cookie: u64, state: u8, last_sent_ms: u32, last_recv_ms: u32) -> SocketView {
+    pub fn socket(
+        cookie: u64,
+        state: TcpState,
+        last_sent_ms: u32,
+        last_recv_ms: u32,
+    ) -> SocketView {
         SocketView {
             netns: 1,
             diag: DiagSocket {
@@ -325,7 +277,7 @@ pub mod fixtures {
                 inode: 1000 + cookie as u32,
                 drops: None,
                 tcp: Some(TcpInfo {
-                    state,
+                    state: state as u8,
                     last_data_sent_ms: last_sent_ms,
                     last_data_recv_ms: last_recv_ms,
                     last_ack_recv_ms: last_recv_ms,
@@ -346,7 +298,7 @@ mod tests {
 
     #[test]
     fn kernel_times_cover_sockets_the_probes_never_saw() {
-        let s = socket(1, 1, 5000, 7000);
+        let s = socket(1, TcpState::Established, 5000, 7000);
         assert_eq!(s.last_send_ms(NOW_NS), Some(5000));
         assert_eq!(s.last_recv_ms(NOW_NS), Some(7000));
         assert_eq!(s.idle_ms(NOW_NS), Some(5000));
@@ -354,7 +306,7 @@ mod tests {
 
     #[test]
     fn the_more_recent_of_probe_and_kernel_time_wins() {
-        let mut s = socket(1, 1, 5000, 7000);
+        let mut s = socket(1, TcpState::Established, 5000, 7000);
         s.activity = Some(Activity {
             last_send_ns: NOW_NS - 9_000_000_000,
             last_recv_ns: NOW_NS - 200_000_000,
@@ -367,7 +319,10 @@ mod tests {
 
     #[test]
     fn streamed_activity_lands_on_its_socket_only() {
-        let mut snap = snapshot(vec![socket(1, 1, 0, 0), socket(2, 1, 0, 0)]);
+        let mut snap = snapshot(vec![
+            socket(1, TcpState::Established, 0, 0),
+            socket(2, TcpState::Established, 0, 0),
+        ]);
         let seen = Activity { last_tid: 42, ..Activity::default() };
         assert!(snap.set_activity(2, seen));
         assert!(!snap.set_activity(3, seen), "a socket outside the snapshot is skipped");

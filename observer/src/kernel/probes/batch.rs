@@ -6,6 +6,8 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
+use aya::Pod;
+
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Entries asked for per call. A hash bucket's entries come back together, so this must exceed
 /// the longest bucket (ENOSPC otherwise, and the call is retried with more room).
@@ -25,11 +27,9 @@ struct BatchAttr {
 }
 
 /// Calls `each` with every (key, value) in the hash map `map`, a batch at a time into one
-/// reused buffer. `K` and `V` must be the map's plain-data key and value types.
-pub fn for_each<K: Copy, V: Copy>(
-    map: BorrowedFd<'_>,
-    mut each: impl FnMut(K, V),
-) -> io::Result<()> {
+/// reused buffer. `K` and `V` must be the map's key and value types: plain data ([`Pod`]), which
+/// any bytes the kernel writes make valid.
+pub fn for_each<K: Pod, V: Pod>(map: BorrowedFd<'_>, mut each: impl FnMut(K, V)) -> io::Result<()> {
     let mut chunk = CHUNK;
     let mut keys: Vec<MaybeUninit<K>> = Vec::new();
     let mut values: Vec<MaybeUninit<V>> = Vec::new();
@@ -58,20 +58,25 @@ pub fn for_each<K: Copy, V: Copy>(
                 size_of::<BatchAttr>(),
             )
         };
-        let err = (rc < 0).then(io::Error::last_os_error);
-        match err.as_ref().and_then(io::Error::raw_os_error) {
-            Some(libc::ENOSPC) => {
-                chunk *= 2;
-                continue;
+        let last_batch = if rc < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENOSPC) => {
+                    chunk *= 2;
+                    continue;
+                }
+                Some(libc::ENOENT) => true,
+                _ => return Err(err),
             }
-            None | Some(libc::ENOENT) => {}
-            Some(_) => return Err(err.unwrap()),
-        }
+        } else {
+            false
+        };
         for i in 0..attr.count as usize {
-            // SAFETY: the kernel filled the first `count` keys and values.
+            // SAFETY: the kernel filled the first `count` keys and values, and any bytes are a
+            // valid K and V (Pod).
             unsafe { each(keys[i].assume_init(), values[i].assume_init()) };
         }
-        if err.is_some() {
+        if last_batch {
             return Ok(()); // ENOENT: that was the last batch
         }
         position = next;

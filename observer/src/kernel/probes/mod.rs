@@ -12,171 +12,46 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
 };
 use observer_common::{
-    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, SockActivity, SockCall, ThreadCall,
+    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, SockActivity, ThreadSyscall, ThreadTcpCall,
     syscall_kind,
 };
 use thiserror::Error;
 
-use crate::btf::{Btf, BtfError};
+pub use self::plan::{Backend, ProbeChoice};
+use self::plan::{Hook, plan};
+use super::btf::{Btf, BtfError};
+
+mod batch;
+mod plan;
+
+/// What the probes recorded about a socket that detection and attribution use: a compact copy
+/// of the map entry (one per watched socket per poll).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub last_send_ns: u64,
+    pub last_recv_ns: u64,
+    pub state_since_ns: u64,
+    /// A `TcpState` number; 0 until the probes saw a state change.
+    pub state: u32,
+    pub last_tgid: u32,
+    pub last_tid: u32,
+}
+
+impl From<&SockActivity> for Activity {
+    fn from(a: &SockActivity) -> Self {
+        Activity {
+            last_send_ns: a.last_send_ns,
+            last_recv_ns: a.last_recv_ns,
+            state_since_ns: a.state_since_ns,
+            state: a.state,
+            last_tgid: a.last_tgid,
+            last_tid: a.last_tid,
+        }
+    }
+}
 
 /// The BPF object built from `observer-ebpf` (empty when built without the BPF toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-probes"));
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// fentry/fexit on tcp_sendmsg/tcp_recvmsg: every send and receive, and how long a thread
-    /// has been inside one. Needs BPF trampolines (most distribution kernels).
-    Fentry,
-    /// kprobes/kretprobes on the same functions, for kernels without fentry.
-    Kprobe,
-    /// BTF tracepoints only: works where function tracing is locked down. Application-level
-    /// send/receive times need Linux 6.3+ (sock_send_length); older kernels use tcp_info.
-    Tracepoint,
-}
-
-/// `--probes`: a backend, or the best one that loads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProbeChoice {
-    Auto,
-    Fentry,
-    Kprobe,
-    Tracepoint,
-}
-
-impl ProbeChoice {
-    /// The backends to try, best first.
-    pub fn candidates(self) -> &'static [Backend] {
-        match self {
-            ProbeChoice::Auto => Backend::ALL,
-            ProbeChoice::Fentry => &[Backend::Fentry],
-            ProbeChoice::Kprobe => &[Backend::Kprobe],
-            ProbeChoice::Tracepoint => &[Backend::Tracepoint],
-        }
-    }
-}
-
-impl Backend {
-    /// Every backend, best first: the order `auto` tries them in.
-    pub const ALL: &'static [Backend] = &[Backend::Fentry, Backend::Kprobe, Backend::Tracepoint];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Fentry => "fentry",
-            Backend::Kprobe => "kprobe",
-            Backend::Tracepoint => "tracepoint",
-        }
-    }
-}
-
-/// How a program attaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Tracepoint(&'static str),
-    FEntry(&'static str),
-    FExit(&'static str),
-    KProbe(&'static str),
-    KRetProbe(&'static str),
-}
-
-impl Hook {
-    fn target(self) -> &'static str {
-        match self {
-            Hook::Tracepoint(t)
-            | Hook::FEntry(t)
-            | Hook::FExit(t)
-            | Hook::KProbe(t)
-            | Hook::KRetProbe(t) => t,
-        }
-    }
-}
-
-/// Tracepoints every backend uses.
-const SHARED: &[(&str, Hook)] = &[
-    ("observer_tp_retransmit", Hook::Tracepoint("tcp_retransmit_skb")),
-    ("observer_tp_state", Hook::Tracepoint("inet_sock_set_state")),
-    ("observer_tp_destroy", Hook::Tracepoint("tcp_destroy_sock")),
-    ("observer_tp_reset_sent", Hook::Tracepoint("tcp_send_reset")),
-    ("observer_tp_reset_received", Hook::Tracepoint("tcp_receive_reset")),
-    ("observer_tp_thread_exit", Hook::Tracepoint("sched_process_exit")),
-];
-
-/// Programs that time the watched processes' socket syscalls per thread. They run on every
-/// syscall of the machine (and put every syscall on the kernel's tracing path): attached only
-/// with --syscall-timing, for specific processes.
-const THREAD_PROGRAMS: &[(&str, Hook)] = &[
-    ("observer_tp_sys_enter", Hook::Tracepoint("sys_enter")),
-    ("observer_tp_sys_exit", Hook::Tracepoint("sys_exit")),
-];
-
-/// tcp_recvmsg lost its `nonblock` argument in Linux 5.19: 5 parameters now, 6 before.
-const RECVMSG_OLD_ARITY: usize = 6;
-
-/// The programs a backend attaches on this kernel, and what it has to do without.
-fn plan(
-    backend: Backend,
-    btf: &Btf,
-    track_threads: bool,
-) -> (Vec<(&'static str, Hook)>, Vec<String>) {
-    let mut programs: Vec<(&'static str, Hook)> = SHARED.to_vec();
-    let mut notes = Vec::new();
-    let old_recv = btf.function_arity("tcp_recvmsg") == Some(RECVMSG_OLD_ARITY);
-    let has_sendpage = btf.function_arity("tcp_sendpage").is_some();
-    match backend {
-        Backend::Fentry => {
-            programs.extend([
-                ("observer_fe_send", Hook::FEntry("tcp_sendmsg")),
-                ("observer_fx_send", Hook::FExit("tcp_sendmsg")),
-                (
-                    if old_recv { "observer_fe_recv_old" } else { "observer_fe_recv" },
-                    Hook::FEntry("tcp_recvmsg"),
-                ),
-                ("observer_fx_recv", Hook::FExit("tcp_recvmsg")),
-            ]);
-            if has_sendpage {
-                programs.extend([
-                    ("observer_fe_sendpage", Hook::FEntry("tcp_sendpage")),
-                    ("observer_fx_sendpage", Hook::FExit("tcp_sendpage")),
-                ]);
-            }
-        }
-        Backend::Kprobe => {
-            programs.extend([
-                ("observer_kp_send", Hook::KProbe("tcp_sendmsg")),
-                ("observer_kr_send", Hook::KRetProbe("tcp_sendmsg")),
-                (
-                    if old_recv { "observer_kp_recv_old" } else { "observer_kp_recv" },
-                    Hook::KProbe("tcp_recvmsg"),
-                ),
-                ("observer_kr_recv", Hook::KRetProbe("tcp_recvmsg")),
-            ]);
-            if has_sendpage {
-                programs.extend([
-                    ("observer_kp_sendpage", Hook::KProbe("tcp_sendpage")),
-                    ("observer_kr_sendpage", Hook::KRetProbe("tcp_sendpage")),
-                ]);
-            }
-        }
-        Backend::Tracepoint => {
-            if btf.has_tracepoint("sock_send_length") && btf.has_tracepoint("sock_recv_length") {
-                programs.extend([
-                    ("observer_tp_send", Hook::Tracepoint("sock_send_length")),
-                    ("observer_tp_recv", Hook::Tracepoint("sock_recv_length")),
-                ]);
-            } else {
-                notes.push(
-                    "no sock_send_length/sock_recv_length tracepoints (Linux < 6.3): send and \
-                     receive times come from tcp_info, and the last thread to do I/O is unknown"
-                        .to_owned(),
-                );
-            }
-        }
-    }
-    if track_threads {
-        programs.extend_from_slice(THREAD_PROGRAMS);
-    }
-    (programs, notes)
-}
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -194,7 +69,7 @@ pub enum ProbeError {
     )]
     NotPermitted,
     #[error("loading the BPF object failed: {0}")]
-    Object(#[source] aya::EbpfError),
+    Object(Condensed),
     #[error("{backend} is unavailable on this kernel: {program} on {target}: {detail}")]
     Unavailable {
         backend: &'static str,
@@ -202,6 +77,42 @@ pub enum ProbeError {
         target: &'static str,
         detail: String,
     },
+}
+
+/// An aya error as one line: its whole cause chain, with a verifier or BTF log cut to its last
+/// lines (which say what failed). The log can be thousands of lines.
+#[derive(Debug)]
+pub struct Condensed(String);
+
+impl From<aya::EbpfError> for Condensed {
+    fn from(e: aya::EbpfError) -> Self {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        Condensed::text(&text)
+    }
+}
+
+impl Condensed {
+    /// The first line, and the last three when there are more than four.
+    fn text(text: &str) -> Condensed {
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let joined = |lines: &[&str]| lines.join(" | ");
+        Condensed(if lines.len() <= 4 {
+            joined(&lines)
+        } else {
+            format!("{} | ... | {}", lines[0], joined(&lines[lines.len() - 3..]))
+        })
+    }
+}
+
+impl std::fmt::Display for Condensed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
@@ -234,11 +145,11 @@ pub struct Probes {
     /// Socket cookie -> activity; read in batches (see `activity`).
     sockets: MapData,
     socket_capacity: u32,
-    /// Entries at the last read, to size the next one.
+    /// The attached programs, for their run-time statistics.
     program_names: Vec<&'static str>,
     counters: PerCpuArray<MapData, u64>,
-    thread_calls: HashMap<MapData, u32, ThreadCall>,
-    sock_calls: HashMap<MapData, u32, SockCall>,
+    thread_syscalls: HashMap<MapData, u32, ThreadSyscall>,
+    thread_tcp_calls: HashMap<MapData, u32, ThreadTcpCall>,
     accept_errors: HashMap<MapData, u32, u64>,
     resets: RingBuf<MapData>,
     // Keeps the programs loaded and attached.
@@ -262,7 +173,8 @@ impl Probes {
     ) -> Result<(Probes, Vec<Skipped>), ProbeError> {
         let mut skipped = Vec::new();
         // Parsed once for every attempt: megabytes of type information.
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
+        let aya_btf = aya::Btf::from_sys_fs()
+            .map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))?;
         for &backend in choice.candidates() {
             match Probes::load_with(backend, options, btf, &aya_btf) {
                 Ok(probes) => return Ok((probes, skipped)),
@@ -277,7 +189,8 @@ impl Probes {
     }
 
     pub fn load(backend: Backend, options: &LoadOptions, btf: &Btf) -> Result<Self, ProbeError> {
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Object(e.into()))?;
+        let aya_btf = aya::Btf::from_sys_fs()
+            .map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))?;
         Probes::load_with(backend, options, btf, &aya_btf)
     }
 
@@ -318,23 +231,27 @@ impl Probes {
                 if errno_of(&e) == Some(libc::EPERM) {
                     ProbeError::NotPermitted
                 } else {
-                    ProbeError::Object(e)
+                    ProbeError::Object(e.into())
                 }
             })?;
 
         let mut watched: HashMap<_, u32, u8> = take_map(&mut ebpf, "WATCHED_PIDS")?;
         for pid in &options.pids {
-            watched.insert(pid, 1, 0).map_err(|e| ProbeError::Object(e.into()))?;
+            watched
+                .insert(pid, 1, 0)
+                .map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))?;
         }
         let mut syscalls: Array<_, u32> = take_map(&mut ebpf, "TRACKED_SYSCALLS")?;
-        let tracked = crate::syscalls::SOCKET_CALLS.iter().filter(|c| {
+        let tracked = super::syscalls::SOCKET_SYSCALLS.iter().filter(|c| {
             // The probes read the fd from the first argument only.
             c.kind != syscall_kind::NONE
                 && c.fd_arg == 0
                 && (0..i64::from(MAX_SYSCALL_NR)).contains(&c.nr)
         });
         for call in tracked {
-            syscalls.set(call.nr as u32, call.kind, 0).map_err(|e| ProbeError::Object(e.into()))?;
+            syscalls
+                .set(call.nr as u32, call.kind, 0)
+                .map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))?;
         }
         for &(program, hook) in &programs {
             attach(&mut ebpf, backend, program, hook, aya_btf)?;
@@ -342,9 +259,12 @@ impl Probes {
         let sockets = match ebpf.take_map("SOCKETS") {
             Some(aya::maps::Map::HashMap(data)) => data,
             _ => {
-                return Err(ProbeError::Object(aya::EbpfError::MapError(
-                    aya::maps::MapError::InvalidName { name: "SOCKETS".into() },
-                )));
+                return Err(ProbeError::Object(
+                    aya::EbpfError::MapError(aya::maps::MapError::InvalidName {
+                        name: "SOCKETS".into(),
+                    })
+                    .into(),
+                ));
             }
         };
         Ok(Probes {
@@ -355,8 +275,8 @@ impl Probes {
             socket_capacity: options.max_sockets,
             program_names: programs.iter().map(|(name, _)| *name).collect(),
             counters: take_map(&mut ebpf, "COUNTERS")?,
-            thread_calls: take_map(&mut ebpf, "THREAD_CALLS")?,
-            sock_calls: take_map(&mut ebpf, "SOCK_CALLS")?,
+            thread_syscalls: take_map(&mut ebpf, "THREAD_SYSCALLS")?,
+            thread_tcp_calls: take_map(&mut ebpf, "THREAD_TCP_CALLS")?,
             accept_errors: take_map(&mut ebpf, "ACCEPT_ERRORS")?,
             resets: take_map(&mut ebpf, "RESETS")?,
             _ebpf: ebpf,
@@ -385,19 +305,13 @@ impl Probes {
     /// Calls `each` with every tracked socket's cookie and activity, a batch at a time; returns
     /// how many entries the map holds. A failed read fails the poll: half the activity would
     /// make tracked sockets look idle.
-    pub fn for_each_activity(
-        &self,
-        mut each: impl FnMut(u64, crate::snapshot::Activity),
-    ) -> std::io::Result<usize> {
+    pub fn for_each_activity(&self, mut each: impl FnMut(u64, Activity)) -> std::io::Result<usize> {
         use std::os::fd::AsFd;
         let mut entries = 0;
-        crate::kernel::bpf_batch::for_each::<u64, SockActivity>(
-            self.sockets.fd().as_fd(),
-            |cookie, a| {
-                entries += 1;
-                each(cookie, crate::snapshot::Activity::from(&a));
-            },
-        )?;
+        batch::for_each::<u64, SockActivity>(self.sockets.fd().as_fd(), |cookie, a| {
+            entries += 1;
+            each(cookie, Activity::from(&a));
+        })?;
         Ok(entries)
     }
 
@@ -419,13 +333,17 @@ impl Probes {
     }
 
     /// Each tracked thread's current or last socket syscall, by thread id.
-    pub fn thread_calls(&self) -> StdHashMap<u32, ThreadCall> {
-        self.thread_calls.iter().filter_map(Result::ok).collect()
+    pub fn thread_syscalls(&self) -> StdHashMap<u32, ThreadSyscall> {
+        self.thread_syscalls.iter().filter_map(Result::ok).collect()
     }
 
     /// Threads inside a TCP send or receive (fentry and kprobe backends), by thread id.
-    pub fn sock_calls(&self) -> StdHashMap<u32, SockCall> {
-        self.sock_calls.iter().filter_map(Result::ok).filter(|(_, c)| c.enter_ns != 0).collect()
+    pub fn thread_tcp_calls(&self) -> StdHashMap<u32, ThreadTcpCall> {
+        self.thread_tcp_calls
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.enter_ns != 0)
+            .collect()
     }
 
     /// accept() failures for lack of fds, by process id, since the agent started.
@@ -457,6 +375,12 @@ impl Probes {
             })
             .collect()
     }
+}
+
+/// A task name as the probes copy it (`bpf_get_current_comm`): NUL-padded bytes.
+pub fn comm_str(raw: &[u8; 16]) -> String {
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..len]).into_owned()
 }
 
 /// Struct offsets the programs need, from the running kernel's BTF.
@@ -493,11 +417,11 @@ where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.take_map(name).ok_or_else(|| {
-        ProbeError::Object(aya::EbpfError::MapError(aya::maps::MapError::InvalidName {
-            name: name.into(),
-        }))
+        ProbeError::Object(
+            aya::EbpfError::MapError(aya::maps::MapError::InvalidName { name: name.into() }).into(),
+        )
     })?;
-    T::try_from(map).map_err(|e| ProbeError::Object(e.into()))
+    T::try_from(map).map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))
 }
 
 fn attach(
@@ -590,12 +514,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_tries_fentry_then_kprobe_then_tracepoint() {
+    fn long_loader_errors_become_one_line() {
+        let log: String = (0..100).map(|i| format!("[{i}] TYPE\n")).collect();
+        let text =
+            format!("BTF_LOAD: Invalid argument. Verifier output: magic\n{log}Invalid name\n");
         assert_eq!(
-            ProbeChoice::Auto.candidates(),
-            &[Backend::Fentry, Backend::Kprobe, Backend::Tracepoint]
+            Condensed::text(&text).to_string(),
+            "BTF_LOAD: Invalid argument. Verifier output: magic | ... | [98] TYPE | [99] TYPE | \
+             Invalid name"
         );
-        assert_eq!(ProbeChoice::Kprobe.candidates(), &[Backend::Kprobe]);
+        assert_eq!(Condensed::text("one\n\ntwo").to_string(), "one | two");
     }
 
     #[test]

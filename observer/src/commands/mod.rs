@@ -1,0 +1,4 @@
+//! The commands, each a function of plain options (the command line builds them in `cli`).
+pub mod check;
+pub mod kill;
+pub mod watch;
