@@ -156,8 +156,9 @@ pub struct SockActivity {
     pub last_tid: u32,
 }
 
-/// Watched process ids the probes compare inline (more go to a hash map).
-pub const INLINE_PIDS: usize = 16;
+/// Words of the probes' watched-process bitmap when the agent does not size it: one bit per
+/// process id up to the kernel's PID_MAX_LIMIT (2^22).
+pub const WATCHED_WORDS: u32 = (1 << 22) / 64;
 
 /// The socket syscall a thread of a watched process is in (or was last in), keyed by thread id
 /// (`--syscall-timing`). Lets the agent say how long a thread has been blocked on a socket,

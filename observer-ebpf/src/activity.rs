@@ -2,15 +2,17 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
+    bindings::bpf_pidns_info,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_get_socket_cookie,
+        generated::{bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie},
     },
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use observer_common::{
-    BPF_F_NO_PREALLOC, Counter, DEFAULT_MAX_TRACKED_SOCKETS, Direction, KernelOffsets, SockActivity,
+    BPF_F_NO_PREALLOC, Counter, DEFAULT_MAX_TRACKED_SOCKETS, Direction, KernelOffsets,
+    SockActivity, WATCHED_WORDS,
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -25,12 +27,12 @@ static SOCKETS: HashMap<u64, SockActivity> =
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Process ids whose calls are recorded, beyond the first `INLINE_PIDS` (which live in
-/// `WATCHED`, read-only data compared inline: this check runs on every syscall of the machine).
+/// The watched processes, one bit per process id (as the agent's pid namespace numbers them):
+/// word `tgid / 64`, bit `tgid % 64`. An array lookup, which the verifier inlines, and a bit test
+/// cost the same for one watched process or ten thousand, and the agent can change the set while
+/// the probes run (a restarted server, a forked child). Sized by the agent from pid_max.
 #[map]
-static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
-
-const INLINE_PIDS: usize = observer_common::INLINE_PIDS;
+static WATCHED: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
 
 /// A value the agent sets at load time (`EbpfLoader::override_global`), read so the compiler
 /// cannot fold it to its build-time value.
@@ -57,11 +59,15 @@ impl<T: Copy> LoadTime<T> {
 // from the running kernel's BTF: Rust BPF has no CO-RE relocations.
 #[unsafe(no_mangle)]
 pub(crate) static OFFSETS: LoadTime<KernelOffsets> = LoadTime::new(KernelOffsets::ZERO);
-/// How many processes are watched (0: every process).
+/// Whether only the processes in `WATCHED` are recorded (0: every process).
 #[unsafe(no_mangle)]
-static FILTER_PIDS: LoadTime<u32> = LoadTime::new(0);
+static FILTERING: LoadTime<u32> = LoadTime::new(0);
+/// The agent's pid namespace (device and inode of its nsfs file), when it is not the initial
+/// one: ids are then translated into it. 0: the agent sees the kernel's own ids.
 #[unsafe(no_mangle)]
-static WATCHED: LoadTime<[u32; INLINE_PIDS]> = LoadTime::new([0; INLINE_PIDS]);
+static PIDNS_DEV: LoadTime<u64> = LoadTime::new(0);
+#[unsafe(no_mangle)]
+static PIDNS_INO: LoadTime<u64> = LoadTime::new(0);
 
 /// One field of [`OFFSETS`], as an offset.
 macro_rules! offset {
@@ -110,37 +116,58 @@ pub fn cookie_of(sk: *mut c_void) -> u64 {
     unsafe { bpf_get_socket_cookie(sk) }
 }
 
-/// True when only the watched processes' activity is recorded (`--pid`).
+/// True when only the watched processes' activity is recorded (`--pid`, `--comm`).
 #[inline(always)]
 pub fn filtering_pids() -> bool {
-    FILTER_PIDS.load() != 0
+    FILTERING.load() != 0
 }
 
-/// True when the current process is one the agent watches (always true without `--pid`).
+/// A thread's process and thread ids as the agent's pid namespace numbers them; 0 for a thread
+/// outside that namespace (or in interrupt context with no task of ours).
+#[derive(Clone, Copy)]
+pub struct Ids {
+    pub tgid: u32,
+    pub tid: u32,
+}
+
+/// The current thread's ids, in the agent's pid namespace.
+///
+/// A sidecar's agent numbers processes as its own pid namespace does, while the kernel's
+/// `bpf_get_current_pid_tgid` returns the initial namespace's ids. When the agent is not in the
+/// initial namespace, `bpf_get_ns_current_pid_tgid` (Linux 5.7+, every tracing program type, so
+/// every backend) translates: ids then match /proc as the agent sees it, in the filter, in
+/// every record and in the output. It costs more than the plain helper, so the agent enables it
+/// only where it is needed.
 #[inline(always)]
-pub fn current_is_watched() -> bool {
+pub fn current_ids() -> Ids {
+    let ino = PIDNS_INO.load();
+    if ino == 0 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        return Ids { tgid: (pid_tgid >> 32) as u32, tid: pid_tgid as u32 };
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    let size = core::mem::size_of::<bpf_pidns_info>() as u32;
+    // SAFETY: info is a valid, writable bpf_pidns_info of the size passed.
+    match unsafe { bpf_get_ns_current_pid_tgid(PIDNS_DEV.load(), ino, &mut info, size) } {
+        0 => Ids { tgid: info.tgid, tid: info.pid },
+        _ => Ids { tgid: 0, tid: 0 },
+    }
+}
+
+/// Whether process `tgid` (in the agent's namespace) is watched: always without a filter.
+#[inline(always)]
+pub fn is_watched(tgid: u32) -> bool {
     if !filtering_pids() {
         return true;
     }
-    is_watched((bpf_get_current_pid_tgid() >> 32) as u32)
+    tgid != 0 && WATCHED.get(tgid / 64).is_some_and(|word| word & (1 << (tgid % 64)) != 0)
 }
 
-/// Whether process `tgid` is watched (when filtering).
+/// The current thread's ids if its process is watched.
 #[inline(always)]
-pub fn is_watched(tgid: u32) -> bool {
-    let count = FILTER_PIDS.load() as usize;
-    let watched = WATCHED.load();
-    // Indexed on purpose: a bounded counted loop is what the verifier unrolls cheaply.
-    #[allow(clippy::needless_range_loop)]
-    for i in 0..INLINE_PIDS {
-        if i >= count {
-            return false;
-        }
-        if watched[i] == tgid {
-            return true;
-        }
-    }
-    count > INLINE_PIDS && unsafe { WATCHED_PIDS.get(tgid) }.is_some()
+pub fn watched_current() -> Option<Ids> {
+    let ids = current_ids();
+    is_watched(ids.tgid).then_some(ids)
 }
 
 #[inline(always)]
@@ -194,11 +221,10 @@ pub fn forget(cookie: u64) {
     let _ = SOCKETS.remove(cookie);
 }
 
-/// Application data moved through the socket in the current thread.
+/// Application data moved through the socket in the thread `by`.
 #[inline(always)]
-pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64) {
+pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64, by: Ids) {
     let now = now_ns();
-    let pid_tgid = bpf_get_current_pid_tgid();
     // Updated in place through the map pointer: no second map operation on the hot path.
     unsafe {
         let (stamp, total) = match direction {
@@ -208,8 +234,8 @@ pub fn record_data(entry: *mut SockActivity, direction: Direction, bytes: u64) {
         *stamp = now;
         // Two threads may send on one socket at once; the byte count must not lose either.
         atomic_add(total, bytes);
-        (*entry).last_tgid = (pid_tgid >> 32) as u32;
-        (*entry).last_tid = pid_tgid as u32;
+        (*entry).last_tgid = by.tgid;
+        (*entry).last_tid = by.tid;
     }
 }
 

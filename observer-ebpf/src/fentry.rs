@@ -66,6 +66,6 @@ fn try_exit(ctx: &FExitContext) -> Result<(), i32> {
     let ret: i64 = ctx.ret::<i32>()?.into();
     let call = tcp_calls::exit(ret).ok_or(0)?;
     let sk: *mut c_void = ctx.arg(0);
-    tcp_calls::book(sk, activity::cookie_of(sk), &call, ret);
+    tcp_calls::book(sk, activity::cookie_of(sk), call, ret);
     Ok(())
 }

@@ -34,12 +34,12 @@ fn enter(ctx: &ProbeContext, direction: Direction, flags_arg: Option<usize>) -> 
 #[inline(always)]
 fn exit(ctx: &RetProbeContext) {
     let ret: i32 = ctx.ret();
-    if let Some(call) = tcp_calls::exit(ret.into()) {
+    if let Some((call, ids)) = tcp_calls::exit(ret.into()) {
         let sk = call.sk as *const u8;
         // A cookie missing at entry may have been assigned since.
         let cookie = if call.cookie != 0 { call.cookie } else { cookie_field(sk) };
         if cookie != 0 {
-            tcp_calls::book(sk as *mut c_void, cookie, &call, ret.into());
+            tcp_calls::book(sk as *mut c_void, cookie, (call, ids), ret.into());
         }
     }
 }

@@ -2,11 +2,7 @@
 //! bytes. The classic case is the lingering-close failure: a server closes with part of the
 //! request unread, the kernel answers with a reset instead of a FIN, and the client loses the
 //! response it had not read yet.
-use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::map,
-    maps::RingBuf,
-};
+use aya_ebpf::{helpers::bpf_get_current_comm, macros::map, maps::RingBuf};
 use observer_common::{Counter, Direction, ResetEvent, TcpState};
 
 use crate::activity::{self, read_at};
@@ -47,8 +43,8 @@ pub fn record(sk: *const u8, direction: Direction) -> Result<(), ()> {
         // The agent names the thread from /proc.
         Some(a) => (a.last_tgid, a.last_tid, [0; 16]),
         None => {
-            let pid_tgid = bpf_get_current_pid_tgid();
-            ((pid_tgid >> 32) as u32, pid_tgid as u32, bpf_get_current_comm().unwrap_or([0; 16]))
+            let ids = activity::current_ids();
+            (ids.tgid, ids.tid, bpf_get_current_comm().unwrap_or([0; 16]))
         }
     };
     let family: u16 = read_at(sk, at(offsets.skc_family));

@@ -1,7 +1,6 @@
 //! Per-thread socket calls of the watched processes: which call on which fd, since when. This is
 //! what turns "a thread is blocked in read" into "blocked in read on this socket for 42 s".
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{Array, HashMap},
 };
@@ -37,25 +36,28 @@ fn kind_of(nr: i64) -> u32 {
 #[inline(always)]
 pub fn enter(regs: *const u8, nr: i64) {
     // Every syscall of the machine starts here: the inline pid check first, then the table.
-    if !activity::current_is_watched() || kind_of(nr) == syscall_kind::NONE {
+    let Some(ids) = activity::watched_current() else {
+        return;
+    };
+    if kind_of(nr) == syscall_kind::NONE {
         return;
     }
     let fd: u64 = read_at(regs, offset!(regs_arg0));
     let call = ThreadSyscall { enter_ns: activity::now_ns(), nr: nr as u32, fd: fd as i32 };
-    activity::record_for_thread(&THREAD_SYSCALLS, bpf_get_current_pid_tgid() as u32, call);
+    activity::record_for_thread(&THREAD_SYSCALLS, ids.tid, call);
 }
 
 /// The current thread leaves a syscall with result `ret`.
 #[inline(always)]
 pub fn exit(ret: i64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let ids = activity::current_ids();
     // Every syscall of the machine ends here: rule other processes out before any map lookup.
-    // (The syscall programs are attached only when pids are given, so is_watched, which is
-    // false for everyone without a pid list, is the complete check.)
-    if !activity::is_watched((pid_tgid >> 32) as u32) {
+    // (The syscall programs are attached only when processes are named, so is_watched, which
+    // is false for everyone outside that set, is the complete check.)
+    if !activity::is_watched(ids.tgid) {
         return;
     }
-    let Some(slot) = THREAD_SYSCALLS.get_ptr_mut(pid_tgid as u32) else {
+    let Some(slot) = THREAD_SYSCALLS.get_ptr_mut(ids.tid) else {
         return;
     };
     let nr = unsafe {
@@ -66,7 +68,7 @@ pub fn exit(ret: i64) {
         (*slot).nr
     };
     if (ret == -EMFILE || ret == -ENFILE) && kind_of(nr as i64) == syscall_kind::ACCEPT {
-        count_accept_error((pid_tgid >> 32) as u32);
+        count_accept_error(ids.tgid);
     }
 }
 
@@ -83,5 +85,8 @@ fn count_accept_error(tgid: u32) {
 /// The current thread is exiting: forget its calls.
 #[inline(always)]
 pub fn thread_exit() {
-    let _ = THREAD_SYSCALLS.remove(bpf_get_current_pid_tgid() as u32);
+    let tid = activity::current_ids().tid;
+    if tid != 0 {
+        let _ = THREAD_SYSCALLS.remove(tid);
+    }
 }

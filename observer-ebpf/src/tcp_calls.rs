@@ -1,10 +1,10 @@
 //! Threads inside a TCP send or receive, for the fentry and kprobe backends: the entry probe
 //! records which socket and since when, the exit probe clears it and books the data moved. A
 //! thread blocked in write() is visible the moment it blocks.
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::HashMap};
+use aya_ebpf::{macros::map, maps::HashMap};
 use observer_common::{BPF_F_NO_PREALLOC, Counter, Direction, MSG_PEEK, ThreadTcpCall};
 
-use crate::activity::{self, Known};
+use crate::activity::{self, Ids, Known};
 
 /// Thread id -> its current (or last) TCP send/receive. Updated in place; removed at thread exit.
 #[map]
@@ -14,27 +14,27 @@ static THREAD_TCP_CALLS: HashMap<u32, ThreadTcpCall> =
 /// A thread enters tcp_sendmsg/tcp_recvmsg on socket `sk` (known by `cookie`; 0 if unknown yet).
 #[inline(always)]
 pub fn enter(sk: *const u8, cookie: u64, direction: Direction, flags: u32) {
-    if !activity::current_is_watched() {
+    let Some(ids) = activity::watched_current() else {
         return;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
+    };
     let call = ThreadTcpCall {
         enter_ns: activity::now_ns(),
         cookie,
         sk: sk as u64,
-        tgid: (pid_tgid >> 32) as u32,
+        tgid: ids.tgid,
         direction: direction as u8,
         peek: u8::from(flags & MSG_PEEK != 0),
         _pad: [0; 2],
     };
-    activity::record_for_thread(&THREAD_TCP_CALLS, pid_tgid as u32, call);
+    activity::record_for_thread(&THREAD_TCP_CALLS, ids.tid, call);
 }
 
-/// The current thread returns `ret` from the call `enter` recorded. Returns that call when it
-/// moved data (ret > 0, not a peek), for the caller to book.
+/// The current thread returns `ret` from the call `enter` recorded. Returns that call, and the
+/// thread, when it moved data (ret > 0, not a peek), for the caller to book.
 #[inline(always)]
-pub fn exit(ret: i64) -> Option<ThreadTcpCall> {
-    let slot = THREAD_TCP_CALLS.get_ptr_mut(bpf_get_current_pid_tgid() as u32)?;
+pub fn exit(ret: i64) -> Option<(ThreadTcpCall, Ids)> {
+    let ids = activity::current_ids();
+    let slot = THREAD_TCP_CALLS.get_ptr_mut(ids.tid)?;
     let call = unsafe {
         if (*slot).enter_ns == 0 {
             return None;
@@ -42,24 +42,32 @@ pub fn exit(ret: i64) -> Option<ThreadTcpCall> {
         (*slot).enter_ns = 0;
         *slot
     };
-    (ret > 0 && call.peek == 0).then_some(call)
+    (ret > 0 && call.peek == 0).then_some((call, ids))
 }
 
 /// Books `bytes` moved on the socket of `call`.
 #[inline(always)]
-pub fn book(sk: *mut core::ffi::c_void, cookie: u64, call: &ThreadTcpCall, bytes: i64) {
+pub fn book(
+    sk: *mut core::ffi::c_void,
+    cookie: u64,
+    (call, ids): (ThreadTcpCall, Ids),
+    bytes: i64,
+) {
     let direction = Direction::from_raw(call.direction);
     activity::count(match direction {
         Direction::Send => Counter::SendEvents,
         Direction::Recv => Counter::RecvEvents,
     });
     if let Some(entry) = activity::entry(sk, cookie, Known::Tcp) {
-        activity::record_data(entry, direction, bytes as u64);
+        activity::record_data(entry, direction, bytes as u64, ids);
     }
 }
 
 /// The current thread is exiting: forget its calls.
 #[inline(always)]
 pub fn thread_exit() {
-    let _ = THREAD_TCP_CALLS.remove(bpf_get_current_pid_tgid() as u32);
+    let tid = activity::current_ids().tid;
+    if tid != 0 {
+        let _ = THREAD_TCP_CALLS.remove(tid);
+    }
 }

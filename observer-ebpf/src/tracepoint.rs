@@ -32,16 +32,16 @@ fn try_data(ctx: &BtfTracePointContext, direction: Direction) -> Result<(), ()> 
     if ret <= 0 || (direction == Direction::Recv && flags as u32 & MSG_PEEK != 0) {
         return Ok(());
     }
-    if !activity::current_is_watched() {
+    let Some(ids) = activity::watched_current() else {
         return Ok(());
-    }
+    };
     activity::count(match direction {
         Direction::Send => Counter::SendEvents,
         Direction::Recv => Counter::RecvEvents,
     });
     let sk: *mut c_void = ctx.arg(0);
     let entry = activity::entry(sk, activity::cookie_of(sk), Known::Unchecked).ok_or(())?;
-    activity::record_data(entry, direction, ret as u64);
+    activity::record_data(entry, direction, ret as u64, ids);
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use crate::{
         thresholds::{Overrides, ThresholdValue, with_thresholds},
     },
     kernel::probes::ProbeChoice,
+    snapshot::targets::Selector,
     units,
 };
 
@@ -116,35 +117,51 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("selector").multiple(true).args(["pids", "comms"])))]
 pub struct WatchArgs {
-    /// Watch the TCP sockets of this process (repeat for several). Without --pid, every TCP
-    /// socket in observer's network namespace is watched.
+    /// Watch the TCP sockets of this process and of every process it forks, now or later
+    /// (repeat for several; comma-separated in OBSERVER_PID). Without --pid or --comm, every
+    /// TCP socket in observer's network namespace is watched.
     ///
-    /// The agent exits (after a `target_exited` event per pid) once every watched process is
-    /// gone. Example: --pid 4242 --pid 4243
-    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    /// The pid is the one `ps` shows next to observer: in a container sharing the server's
+    /// processes, the container's own numbering. The agent exits (after a `target_exited`
+    /// event per pid) once every watched process is gone. Example: --pid 4242 --pid 4243
+    #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
+
+    /// With --pid: watch only the named processes, not what they fork.
+    #[arg(long, env = "OBSERVER_PID_ONLY", requires = "pids")]
+    pub pid_only: bool,
+
+    /// Watch every process named NAME (exactly /proc/PID/comm, as `ps -o comm` shows it; repeat
+    /// for several), including ones that start later, such as a restarted server. Keeps running
+    /// while none runs. Example: --comm nginx
+    #[arg(long = "comm", value_name = "NAME", env = "OBSERVER_COMM", value_delimiter = ',')]
+    pub comms: Vec<String>,
 
     /// Only watch connections whose local or remote port is PORT (repeat for several).
     ///
     /// Example: --port 8080 --port 8443
-    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "port", value_name = "PORT", env = "OBSERVER_PORT", value_delimiter = ',',
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,
 
     /// How often to look at the sockets. Alerts come at most one interval after a connection
     /// crosses its threshold. Examples: 500ms, 1s, 5s
-    #[arg(long, value_name = "DURATION", default_value = "1s",
+    #[arg(long, value_name = "DURATION", default_value = "1s", env = "OBSERVER_POLL_INTERVAL",
           value_parser = units::positive_duration)]
     pub poll_interval: Duration,
 
     /// Which probes to use. auto: the best this kernel allows, trying fentry, then kprobe, then
     /// tracepoint (`observer check` shows what works here and why).
-    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = probe_choice())]
+    #[arg(long, value_name = "BACKEND", default_value = "auto", env = "OBSERVER_PROBES",
+          value_parser = probe_choice())]
     pub probes: ProbeChoice,
 
     /// Policy file: thresholds and ignored reasons per local port, remote CIDR, pid or
     /// program (see README). Threshold flags given here override it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "OBSERVER_CONFIG")]
     pub config: Option<PathBuf>,
 
     #[command(flatten)]
@@ -152,48 +169,52 @@ pub struct WatchArgs {
 
     /// Print a `stats` event with the agent's own health (sockets seen, poll time, probe
     /// counters, sockets the probes failed to track) this often; 0 turns it off.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = units::duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", env = "OBSERVER_STATS_INTERVAL",
+          value_parser = units::duration)]
     pub stats_interval: Duration,
 
     /// End connections whose alert stands for one of the --action-on reasons, by this mode
     /// (see `observer kill --help`). Listening sockets are never acted on.
-    #[arg(long, value_name = "MODE", requires = "action_on", value_parser = mode())]
+    #[arg(long, value_name = "MODE", requires = "action_on", env = "OBSERVER_ACTION",
+          value_parser = mode())]
     pub action: Option<Mode>,
 
     /// Reasons to act on, comma-separated: idle, slow_transfer, blocked_send, retransmitting,
     /// close_wait, keepalive_missing. Example: --action-on idle,slow_transfer
     #[arg(long, value_name = "REASONS", value_delimiter = ',', value_parser = actionable_reason,
-          requires = "action")]
+          requires = "action", env = "OBSERVER_ACTION_ON")]
     pub action_on: Vec<Reason>,
 
     /// Act only once an alert has stood this long. Example: 5m
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = units::duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", env = "OBSERVER_ACTION_AFTER",
+          value_parser = units::duration)]
     pub action_after: Duration,
 
     /// Never end more than this many connections in any minute; the rest wait their turn.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    #[arg(long, value_name = "N", default_value_t = 10, env = "OBSERVER_MAX_ACTIONS_PER_MINUTE")]
     pub max_actions_per_minute: usize,
 
     /// Print the `action` lines --action would produce, change nothing.
-    #[arg(long, requires = "action")]
+    #[arg(long, requires = "action", env = "OBSERVER_DRY_RUN")]
     pub dry_run: bool,
 
-    /// Also time each watched thread's socket syscalls (needs --pid): gives `blocked_ms` on
-    /// kernels where only the tracepoint backend works, and counts accept() failures for lack of
-    /// fds. It hooks every syscall of the machine: see docs/benchmarks.md for what it costs.
-    #[arg(long, requires = "pids")]
+    /// Also time each watched thread's socket syscalls (needs --pid or --comm): gives
+    /// `blocked_ms` on kernels where only the tracepoint backend works, and counts accept()
+    /// failures for lack of fds. It hooks every syscall of the machine: see docs/benchmarks.md
+    /// for what it costs.
+    #[arg(long, requires = "selector", env = "OBSERVER_SYSCALL_TIMING")]
     pub syscall_timing: bool,
 
     /// Measure each probe's kernel run time (enables kernel BPF statistics while running,
     /// which adds a few ns per event) and report it per program in `stats` as `probe_cost`.
-    #[arg(long)]
+    #[arg(long, env = "OBSERVER_PROBE_STATS")]
     pub probe_stats: bool,
 
     /// Capacity of the in-kernel socket table. Sockets beyond it are not tracked by the probes
     /// (their alerts then rely on the kernel's own counters) and are counted as `track_failed`
     /// in `stats`.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED_SOCKETS,
-          value_parser = clap::value_parser!(u32).range(1024..))]
+          env = "OBSERVER_MAX_SOCKETS", value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_sockets: u32,
 }
 
@@ -206,6 +227,7 @@ macro_rules! threshold_flags {
             $(
                 #[arg(
                     long,
+                    env = env_name(stringify!($name)),
                     value_name = <$ty as ThresholdValue>::VALUE_NAME,
                     value_parser = <$ty as ThresholdValue>::parse,
                     help = format!(
@@ -265,10 +287,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `OBSERVER_` and the flag's name in capitals: how containers pass flags.
+fn env_name(flag: &str) -> &'static str {
+    // Called once per threshold flag when the command line is built.
+    Box::leak(format!("OBSERVER_{}", flag.to_uppercase()).into_boxed_str())
+}
+
 impl WatchArgs {
     pub fn options(&self) -> watch::Options {
         watch::Options {
-            pids: self.pids.clone(),
+            selector: Selector {
+                pids: self.pids.clone(),
+                descendants: !self.pid_only,
+                comms: self.comms.clone(),
+            },
             ports: self.ports.clone(),
             poll_interval: self.poll_interval,
             probes: self.probes,

@@ -61,8 +61,7 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         let result = match &btf {
             Ok(btf) if missing.is_empty() => {
                 system::raise_memlock_limit();
-                let options =
-                    LoadOptions { pids: vec![], max_sockets: 1024, syscall_timing: false };
+                let options = LoadOptions { only: None, max_sockets: 1024, syscall_timing: false };
                 Probes::load(candidate, &options, btf)
                     .map(|p| {
                         if !p.notes().is_empty() {

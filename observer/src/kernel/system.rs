@@ -61,6 +61,38 @@ pub fn missing_for_watch(effective: u64) -> Vec<&'static str> {
     missing
 }
 
+/// A pid namespace, as its nsfs file identifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PidNamespace {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl PidNamespace {
+    /// The kernel's initial pid namespace has a fixed inode (PROC_PID_INIT_INO).
+    const INITIAL_INO: u64 = 0xEFFF_FFFC;
+
+    /// Whether this is the namespace whose ids the kernel's plain helpers return.
+    pub fn is_initial(self) -> bool {
+        self.ino == Self::INITIAL_INO
+    }
+}
+
+/// The agent's own pid namespace.
+pub fn own_pid_namespace() -> Option<PidNamespace> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    Some(PidNamespace { dev: meta.dev(), ino: meta.ino() })
+}
+
+/// kernel.pid_max: process ids are below it (the kernel's default when unreadable).
+pub fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1 << 22)
+}
+
 /// net.ipv4.tcp_retries2 (how long TCP retransmits to a silent peer), 15 if unreadable.
 pub fn tcp_retries2() -> u32 {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_retries2")

@@ -42,6 +42,8 @@ pub struct Collector {
     namespace_pids: BTreeMap<netns::NetnsId, Option<u32>>,
     /// Namespaces where that second socket could not be opened (reported once).
     helper_failed: std::collections::BTreeSet<netns::NetnsId>,
+    /// Namespaces of watched processes that could not be entered (reported once).
+    entry_failed: std::collections::BTreeSet<netns::NetnsId>,
     /// The remote port that splits the last poll's connections in halves.
     split_port: u16,
     /// Watched processes; `None` watches every socket in the agent's own namespace.
@@ -58,49 +60,87 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn new(pids: &[u32], ports: &[u16]) -> anyhow::Result<Self> {
-        let mut namespaces = BTreeMap::new();
-        let mut namespace_pids = BTreeMap::new();
-        if pids.is_empty() {
-            let own = netns::own().context("cannot read /proc/self/ns/net")?;
-            namespaces.insert(own, DiagSocketHandle::open()?);
-            namespace_pids.insert(own, None);
-        }
-        for &pid in pids {
-            let id = netns::of_pid(pid)
-                .with_context(|| format!("cannot read the network namespace of pid {pid}"))?;
-            if let Entry::Vacant(slot) = namespaces.entry(id) {
-                slot.insert(netns::diag_socket_in(pid).with_context(|| {
-                    format!("cannot enter the network namespace of pid {pid} (needs CAP_SYS_ADMIN)")
-                })?);
-                namespace_pids.insert(id, Some(pid));
-            }
-        }
-        Ok(Collector {
-            namespaces,
+    /// A collector of the sockets of `pids` (in whatever network namespaces they live), or,
+    /// when `None`, of every socket in the agent's own network namespace; with `ports`, only
+    /// connections with one of them at either end.
+    pub fn new(pids: Option<&[u32]>, ports: &[u16]) -> anyhow::Result<Self> {
+        let mut collector = Collector {
+            namespaces: BTreeMap::new(),
             helpers: BTreeMap::new(),
-            namespace_pids,
+            namespace_pids: BTreeMap::new(),
             split_port: 32768,
             helper_failed: Default::default(),
-            pids: (!pids.is_empty()).then(|| pids.to_vec()),
+            entry_failed: Default::default(),
+            pids: None,
             ports: ports.to_vec(),
             fd_cache: FdCache::default(),
             listen_ports: Vec::new(),
             last_count: 0,
             spare: Vec::new(),
-        })
+        };
+        match pids {
+            None => {
+                let own = netns::own().context("cannot read /proc/self/ns/net")?;
+                collector.namespaces.insert(own, DiagSocketHandle::open()?);
+                collector.namespace_pids.insert(own, None);
+            }
+            Some(pids) => {
+                collector.pids = Some(Vec::new());
+                for &pid in pids {
+                    let id = netns::of_pid(pid).with_context(|| {
+                        format!("pid {pid} exited while observer started (its network namespace is gone)")
+                    })?;
+                    collector.enter(id, pid).map_err(anyhow::Error::msg)?;
+                }
+                collector.pids = Some(pids.to_vec());
+            }
+        }
+        Ok(collector)
+    }
+
+    /// Opens a sock_diag socket in network namespace `id`, where `pid` lives, unless one is open.
+    fn enter(&mut self, id: netns::NetnsId, pid: u32) -> Result<(), String> {
+        if let Entry::Vacant(slot) = self.namespaces.entry(id) {
+            let handle = netns::diag_socket_in(pid).map_err(|e| {
+                format!(
+                    "cannot read the sockets of pid {pid} in its network namespace: {e} (entering \
+                     another network namespace needs CAP_SYS_ADMIN)"
+                )
+            })?;
+            slot.insert(handle);
+            self.namespace_pids.insert(id, Some(pid));
+        }
+        Ok(())
+    }
+
+    /// Follows the watched processes as they come and go: opens the network namespaces of new
+    /// ones, and closes those no watched process lives in any more. A namespace that cannot be
+    /// entered is reported once and skipped.
+    pub fn set_pids(&mut self, pids: &[u32]) {
+        let Some(current) = &self.pids else { return };
+        if current.as_slice() == pids {
+            return;
+        }
+        let mut wanted = std::collections::BTreeSet::new();
+        for &pid in pids {
+            // A process that exited meanwhile is reported by the target list, not here.
+            let Ok(id) = netns::of_pid(pid) else { continue };
+            wanted.insert(id);
+            if let Err(e) = self.enter(id, pid)
+                && self.entry_failed.insert(id)
+            {
+                log::warn!("{e}; its connections are not watched");
+            }
+        }
+        self.namespaces.retain(|id, _| wanted.contains(id));
+        self.helpers.retain(|id, _| wanted.contains(id));
+        self.namespace_pids.retain(|id, _| wanted.contains(id));
+        self.pids = Some(pids.to_vec());
     }
 
     /// The sock_diag socket of a watched network namespace, to act on sockets there.
     pub fn diag_for(&mut self, netns: netns::NetnsId) -> Option<&mut DiagSocketHandle> {
         self.namespaces.get_mut(&netns)
-    }
-
-    /// Stops looking for sockets of processes that are gone.
-    pub fn retain_pids(&mut self, alive: &[u32]) {
-        if let Some(pids) = &mut self.pids {
-            pids.retain(|p| alive.contains(p));
-        }
     }
 
     /// The kernel-side filter for connection dumps.

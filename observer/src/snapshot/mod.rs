@@ -13,6 +13,7 @@ use crate::{
 };
 
 mod collect;
+pub mod targets;
 
 #[derive(Clone, Debug)]
 pub struct SocketView {

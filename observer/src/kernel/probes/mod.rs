@@ -129,10 +129,11 @@ fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 pub struct LoadOptions {
-    /// Record calls only for these processes (all processes when empty).
-    pub pids: Vec<u32>,
+    /// Record calls only for these processes (ids in the agent's pid namespace; the set can
+    /// change later with [`Probes::watch`]), or, when `None`, for every process.
+    pub only: Option<Vec<u32>>,
     pub max_sockets: u32,
-    /// Time the watched processes' socket syscalls per thread (needs `pids`). This hooks every
+    /// Time the watched processes' socket syscalls per thread (needs `only`). This hooks every
     /// syscall of the machine, so it is asked for, not default.
     pub syscall_timing: bool,
 }
@@ -152,6 +153,9 @@ pub struct Probes {
     thread_tcp_calls: HashMap<MapData, u32, ThreadTcpCall>,
     accept_errors: HashMap<MapData, u32, u64>,
     resets: RingBuf<MapData>,
+    /// The watched-process bitmap (see `WATCHED` in the probes).
+    watched: Array<MapData, u64>,
+    watched_words: u32,
     // Keeps the programs loaded and attached.
     _ebpf: Ebpf,
 }
@@ -203,7 +207,7 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }
-        let tracks_threads = options.syscall_timing && !options.pids.is_empty();
+        let tracks_threads = options.syscall_timing && options.only.is_some();
         let (programs, notes) = plan(backend, btf, tracks_threads);
         for (_, hook) in &programs {
             if let Hook::Tracepoint(name) = hook
@@ -213,19 +217,21 @@ impl Probes {
             }
         }
         let offsets = kernel_offsets(btf)?;
-        // The first INLINE_PIDS are compared inline by the probes; the rest via WATCHED_PIDS.
-        let filter_pids = options.pids.len() as u32;
-        let mut inline = [0u32; observer_common::INLINE_PIDS];
-        for (slot, pid) in inline.iter_mut().zip(&options.pids) {
-            *slot = *pid;
-        }
+        let filtering = u32::from(options.only.is_some());
+        // Ids are translated into the agent's pid namespace only when it is not the initial one.
+        let (pidns_dev, pidns_ino) = super::system::own_pid_namespace()
+            .filter(|ns| !ns.is_initial())
+            .map_or((0, 0), |ns| (ns.dev, ns.ino));
+        let watched_words = watched_words(super::system::pid_max());
 
         let mut ebpf = EbpfLoader::new()
             .btf(Some(aya_btf))
             .override_global("OFFSETS", &offsets, true)
-            .override_global("FILTER_PIDS", &filter_pids, true)
-            .override_global("WATCHED", &inline, true)
+            .override_global("FILTERING", &filtering, true)
+            .override_global("PIDNS_DEV", &pidns_dev, true)
+            .override_global("PIDNS_INO", &pidns_ino, true)
             .map_max_entries("SOCKETS", options.max_sockets)
+            .map_max_entries("WATCHED", watched_words)
             .load(OBJECT)
             .map_err(|e| {
                 if errno_of(&e) == Some(libc::EPERM) {
@@ -235,12 +241,7 @@ impl Probes {
                 }
             })?;
 
-        let mut watched: HashMap<_, u32, u8> = take_map(&mut ebpf, "WATCHED_PIDS")?;
-        for pid in &options.pids {
-            watched
-                .insert(pid, 1, 0)
-                .map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))?;
-        }
+        let watched: Array<_, u64> = take_map(&mut ebpf, "WATCHED")?;
         let mut syscalls: Array<_, u32> = take_map(&mut ebpf, "TRACKED_SYSCALLS")?;
         let tracked = super::syscalls::SOCKET_SYSCALLS.iter().filter(|c| {
             // The probes read the fd from the first argument only.
@@ -267,7 +268,7 @@ impl Probes {
                 ));
             }
         };
-        Ok(Probes {
+        let mut probes = Probes {
             backend,
             tracks_threads,
             notes,
@@ -279,8 +280,31 @@ impl Probes {
             thread_tcp_calls: take_map(&mut ebpf, "THREAD_TCP_CALLS")?,
             accept_errors: take_map(&mut ebpf, "ACCEPT_ERRORS")?,
             resets: take_map(&mut ebpf, "RESETS")?,
+            watched,
+            watched_words,
             _ebpf: ebpf,
-        })
+        };
+        for &pid in options.only.iter().flatten() {
+            probes
+                .watch(pid, true)
+                .map_err(|e| ProbeError::Object(aya::EbpfError::from(e).into()))?;
+        }
+        Ok(probes)
+    }
+
+    /// Starts (`true`) or stops recording the calls of process `pid`, while the probes run.
+    pub fn watch(&mut self, pid: u32, on: bool) -> Result<(), aya::maps::MapError> {
+        let (word, bit) = (pid / 64, 1u64 << (pid % 64));
+        if word >= self.watched_words {
+            // Above pid_max as it was at load: such a process cannot exist yet.
+            return Ok(());
+        }
+        let old = self.watched.get(&word, 0)?;
+        let new = if on { old | bit } else { old & !bit };
+        if new != old {
+            self.watched.set(word, new, 0)?;
+        }
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {
@@ -375,6 +399,11 @@ impl Probes {
             })
             .collect()
     }
+}
+
+/// Words of the watched-process bitmap for process ids below `pid_max`.
+fn watched_words(pid_max: u32) -> u32 {
+    pid_max.clamp(64, 1 << 22).div_ceil(64)
 }
 
 /// A task name as the probes copy it (`bpf_get_current_comm`): NUL-padded bytes.

@@ -1,0 +1,282 @@
+//! The agent's engine, shared by `watch` and `top`: probes loaded, targets followed, and one poll
+//! at a time from the kernel's view to events: collect -> snapshot -> detect -> alerts -> actions.
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+
+use super::watch::Options;
+use crate::{
+    act::respond::Responder,
+    alerts::{AlertBook, ClearWhy, attribution},
+    detect::{Detector, KernelSettings, Policy, Target},
+    kernel::{
+        btf::Btf,
+        probes::{LoadOptions, Probes},
+        procfs, system,
+    },
+    report::{
+        ActionEvent, AlertEvent, ClearedEvent, Event, ProbeCost, StartedEvent, StatsEvent,
+        timestamp,
+    },
+    snapshot::{
+        Collector, Snapshot,
+        targets::{Changes, Targets, Why},
+    },
+};
+
+pub struct Monitor {
+    probes: Probes,
+    collector: Collector,
+    targets: Targets,
+    detector: Detector,
+    book: AlertBook,
+    responder: Option<Responder>,
+    stats: PollStats,
+    probe_stats: bool,
+    /// The last poll's snapshot, until the next poll takes its buffer back.
+    last: Option<Snapshot>,
+    /// Kernel BPF run-time statistics stay on while this fd is open (`--probe-stats`).
+    _stats_enabled: Option<std::os::fd::OwnedFd>,
+}
+
+/// The agent's own health, as `stats` reports it.
+#[derive(Clone, Debug, Default)]
+pub struct PollStats {
+    pub polls: u64,
+    pub sockets: usize,
+    pub tracked: usize,
+    pub map_entries: usize,
+    pub last_poll: Duration,
+    pub max_poll: Duration,
+}
+
+impl Monitor {
+    /// Checks privileges and targets, loads the probes; returns the monitor and its `started`
+    /// event. Nothing is printed here.
+    pub fn start(args: &Options) -> anyhow::Result<(Monitor, StartedEvent)> {
+        let missing = system::missing_for_watch(system::effective_capabilities());
+        if !missing.is_empty() {
+            bail!(
+                "observer needs root to watch sockets (missing {}): run it with sudo",
+                missing.join(", ")
+            );
+        }
+        let policy = match &args.config {
+            Some(path) => Policy::from_file(path)?,
+            None => Policy::default(),
+        }
+        .with_command_line(args.thresholds.clone());
+        let targets = Targets::new(args.selector.clone())?;
+        system::raise_memlock_limit();
+        let btf = Btf::from_kernel()?;
+        let everything = args.selector.is_everything();
+        let pids = targets.pids();
+        let options = LoadOptions {
+            only: (!everything).then(|| pids.clone()),
+            max_sockets: args.max_sockets,
+            syscall_timing: args.syscall_timing,
+        };
+        let (probes, skipped) = Probes::load_best(args.probes, &options, &btf)?;
+        // Only loading needs the kernel's type information: several megabytes, freed now.
+        drop(btf);
+        system::release_free_memory();
+        for skip in &skipped {
+            log::info!("not using the {} backend: {}", skip.backend.name(), skip.error);
+        }
+        for note in probes.notes() {
+            log::warn!("{} backend: {note}", probes.backend().name());
+        }
+        let collector = Collector::new((!everything).then_some(pids.as_slice()), &args.ports)?;
+        let stats_enabled = if args.probe_stats {
+            let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enabling BPF statistics (--probe-stats needs CAP_SYS_ADMIN)")?;
+            Some(fd)
+        } else {
+            None
+        };
+        let kernel = KernelSettings { tcp_retries2: system::tcp_retries2() };
+        let responder = args.action.as_ref().map(|a| {
+            Responder::new(a.mode, a.reasons.clone(), a.after, a.max_per_minute, a.dry_run)
+        });
+        let detector = Detector::new(policy, kernel);
+        let started = StartedEvent {
+            ts: timestamp(SystemTime::now()),
+            version: env!("CARGO_PKG_VERSION"),
+            backend: probes.backend().name(),
+            backend_notes: probes.notes().to_vec(),
+            pids: pids.clone(),
+            comms: args.selector.comms.clone(),
+            ports: args.ports.clone(),
+            kernel: system::kernel_release(),
+            poll_interval_ms: args.poll_interval.as_millis() as u64,
+            call_timing: probes.times_calls(),
+            syscall_timing: probes.tracks_threads(),
+            config: args.config.as_ref().map(|p| p.display().to_string()),
+            thresholds: detector.policy().base(),
+        };
+        log::info!(
+            "watching {} with the {} backend",
+            describe(&args.selector.comms, &pids, everything),
+            probes.backend().name()
+        );
+        let monitor = Monitor {
+            probes,
+            collector,
+            targets,
+            detector,
+            book: AlertBook::default(),
+            responder,
+            stats: PollStats::default(),
+            probe_stats: args.probe_stats,
+            last: None,
+            _stats_enabled: stats_enabled,
+        };
+        Ok((monitor, started))
+    }
+
+    /// One poll: follows the targets, reads the kernel's view, and hands every event it makes to
+    /// `emit`, as it is made (an alert storm is never built up in memory).
+    pub fn poll(&mut self, emit: &mut dyn FnMut(Event)) -> anyhow::Result<()> {
+        let changes = self.targets.refresh();
+        self.follow(&changes)?;
+        for started in changes.started.iter().filter(|t| t.why == Why::Name) {
+            let (pid, comm) = (started.pid, started.comm.to_string());
+            emit(Event::TargetStarted { ts: timestamp(SystemTime::now()), pid, comm });
+        }
+        let polled = self.poll_sockets(emit);
+        for gone in changes.exited.iter().filter(|t| t.why != Why::Descendant) {
+            emit(Event::TargetExited { ts: timestamp(SystemTime::now()), pid: gone.pid });
+        }
+        if self.targets.finished() {
+            for cleared in self.book.clear_all(ClearWhy::ProcessExited) {
+                emit(Event::AlertCleared(ClearedEvent::new(SystemTime::now(), cleared)));
+            }
+        }
+        polled
+    }
+
+    /// Points the probes and the collector at the processes watched now.
+    fn follow(&mut self, changes: &Changes) -> anyhow::Result<()> {
+        for (targets, on) in [(&changes.exited, false), (&changes.started, true)] {
+            for t in targets {
+                self.probes.watch(t.pid, on).context("updating the probes' watched processes")?;
+            }
+        }
+        if !changes.exited.is_empty() || !changes.started.is_empty() {
+            self.collector.set_pids(&self.targets.pids());
+        }
+        Ok(())
+    }
+
+    fn poll_sockets(&mut self, emit: &mut dyn FnMut(Event)) -> anyhow::Result<()> {
+        if let Some(last) = self.last.take() {
+            self.collector.recycle(last);
+        }
+        let started = Instant::now();
+        let snapshot = self.collector.collect(&mut self.probes)?;
+        let detecting = Instant::now();
+        let findings = self.detector.observe(&snapshot);
+        let (raised, cleared) = self.book.update(&snapshot, &findings);
+        let elapsed = started.elapsed();
+        log::debug!("detect: {:.1}ms", detecting.elapsed().as_secs_f64() * 1e3);
+        self.stats.polls += 1;
+        self.stats.sockets = snapshot.sockets.len();
+        self.stats.tracked = snapshot.sockets.iter().filter(|s| s.activity.is_some()).count();
+        self.stats.map_entries = snapshot.map_entries;
+        self.stats.last_poll = elapsed;
+        self.stats.max_poll = self.stats.max_poll.max(elapsed);
+
+        for c in cleared {
+            emit(Event::AlertCleared(ClearedEvent::new(SystemTime::now(), c)));
+        }
+        let now = SystemTime::now();
+        let mut thread_cache = HashMap::new();
+        for (finding, identity) in raised {
+            let socket = match finding.target {
+                Target::Socket(cookie) => snapshot.find(cookie),
+                Target::Process(_) => None,
+            };
+            let threads = attribution::for_finding(&snapshot, finding, &mut thread_cache);
+            let alert = AlertEvent::new(now, snapshot.taken_ns, finding, identity, socket, threads);
+            emit(Event::Alert(alert));
+        }
+        if let Some(responder) = &mut self.responder {
+            for due in responder.due(&self.book, &snapshot) {
+                let result = responder.perform(&due, self.collector.diag_for(due.netns));
+                let (mode, dry_run, reason) = (responder.mode(), responder.dry_run(), due.reason);
+                let action = ActionEvent::new(
+                    SystemTime::now(),
+                    mode,
+                    dry_run,
+                    result,
+                    due.identity,
+                    Some(reason),
+                );
+                emit(Event::Action(action));
+            }
+        }
+        self.last = Some(snapshot);
+        Ok(())
+    }
+
+    /// Whether every selected process is gone (and no name can match again).
+    pub fn finished(&self) -> bool {
+        self.targets.finished()
+    }
+
+    pub fn poll_stats(&self) -> &PollStats {
+        &self.stats
+    }
+
+    /// The `stats` event, with `events_dropped` as the output counted them.
+    pub fn stats_event(&self, events_dropped: u64) -> StatsEvent {
+        let probe_counters: BTreeMap<_, _> = self.probes.counters().into_iter().collect();
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        StatsEvent {
+            ts: timestamp(SystemTime::now()),
+            polls: self.stats.polls,
+            sockets: self.stats.sockets,
+            tracked: self.stats.tracked,
+            alerts_active: self.book.active_count(),
+            last_poll_ms: ms(self.stats.last_poll),
+            max_poll_ms: ms(self.stats.max_poll),
+            map_entries: self.stats.map_entries,
+            map_capacity: self.probes.socket_capacity(),
+            probe_counters,
+            probe_cost: self.probe_stats.then(|| {
+                self.probes
+                    .program_costs()
+                    .into_iter()
+                    .map(|(name, runs, ns)| {
+                        let ns_per_run = if runs == 0 {
+                            0.0
+                        } else {
+                            (ns as f64 / runs as f64 * 10.0).round() / 10.0
+                        };
+                        (name, ProbeCost { runs, ns_per_run })
+                    })
+                    .collect()
+            }),
+            events_dropped,
+            rss_kib: procfs::own_memory_kib("VmRSS"),
+            peak_rss_kib: procfs::own_memory_kib("VmHWM"),
+        }
+    }
+}
+
+fn describe(comms: &[String], pids: &[u32], everything: bool) -> String {
+    if everything {
+        return "every TCP socket".to_owned();
+    }
+    let mut parts = Vec::new();
+    if !pids.is_empty() {
+        parts.push(format!("pids {pids:?}"));
+    }
+    if !comms.is_empty() {
+        parts.push(format!("processes named {comms:?}"));
+    }
+    parts.join(" and ")
+}
