@@ -112,8 +112,18 @@ pub struct KillArgs {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Also validate this policy file; a bad file fails the check with its line and reason.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "OBSERVER_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// Check that `watch --pid PID` could inspect this process (repeat for several). Without
+    /// --pid or --comm, every process `watch` would look at is checked.
+    #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    /// Check the processes `watch --comm NAME` would watch now (repeat for several).
+    #[arg(long = "comm", value_name = "NAME", env = "OBSERVER_COMM", value_delimiter = ',')]
+    pub comms: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -281,7 +291,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => watch::run(args.options()).await.map(|()| ExitCode::SUCCESS),
         Command::Kill(args) => kill::run(&args.options()),
         Command::Check(args) => {
-            let ready = check::run(&check::Options { config: args.config })?;
+            let selector = Selector { pids: args.pids, descendants: false, comms: args.comms };
+            let ready = check::run(&check::Options { config: args.config, selector })?;
             Ok(if ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }

@@ -4,7 +4,7 @@ pub mod netns;
 
 use std::{
     io::{BufRead, BufReader, Read},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError, channel},
     thread,
@@ -154,6 +154,7 @@ impl JsonLines {
 /// A running `observer` process.
 pub struct Agent {
     child: Child,
+    binary: PathBuf,
     pub out: JsonLines,
     stderr: Receiver<String>,
 }
@@ -161,8 +162,14 @@ pub struct Agent {
 impl Agent {
     /// Starts `observer <args>` and waits for its `started` event.
     pub fn start(args: &[&str]) -> Agent {
+        Agent::start_with(&[], &observer_bin(), args)
+    }
+
+    /// Starts `<wrapper...> <binary> <args>` (a wrapper such as `nsenter ...` or `setpriv ...`
+    /// runs the agent, by exec or as its child) and waits for its `started` event.
+    pub fn start_with(wrapper: &[&str], binary: &Path, args: &[&str]) -> Agent {
         require_root();
-        let mut child = Command::new(observer_bin())
+        let mut child = wrapped(wrapper, binary)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -177,7 +184,7 @@ impl Agent {
             let _ = err_pipe.read_to_string(&mut text);
             let _ = tx.send(text);
         });
-        let mut agent = Agent { child, out, stderr };
+        let mut agent = Agent { child, binary: binary.to_path_buf(), out, stderr };
         if let Err(e) = agent
             .out
             .wait_for("started event", Duration::from_secs(30), |v| v["event"] == "started")
@@ -221,9 +228,19 @@ impl Agent {
 
     /// SIGTERM, then the exit status once it has stopped.
     pub fn stop(&mut self) -> ExitStatus {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Sends `signal` to the agent itself (not to a wrapper that runs it).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child or its child.
+        unsafe { libc::kill(self.program_pid() as i32, signal) };
+    }
+
+    /// The agent's own pid: the child's, or, under a wrapper that forks, its descendant's.
+    pub fn program_pid(&self) -> u32 {
+        program_under(self.child.id(), &self.binary)
     }
 
     pub fn stderr_text(&mut self) -> String {
@@ -246,9 +263,63 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // A forking wrapper's child outlives the wrapper: end it first.
+        self.signal(libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `<wrapper...> <program>`, or just the program.
+fn wrapped(wrapper: &[&str], program: &Path) -> Command {
+    match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// `root`, if it runs `program`, or else its first descendant that does (a wrapper that forks
+/// runs the program as its child); `root` itself when none is found yet.
+pub fn program_under(root: u32, program: &Path) -> u32 {
+    let program = program.canonicalize().unwrap_or_else(|_| program.to_path_buf());
+    let runs =
+        |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == program);
+    if runs(root) {
+        return root;
+    }
+    let mut parents = vec![root];
+    while let Some(parent) = parents.pop() {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            if runs(child) {
+                return child;
+            }
+            parents.push(child);
+        }
+    }
+    root
+}
+
+/// A copy of `binary` that any user may run (the build tree may sit under a home directory
+/// only root can enter), for tests that run the agent as another user.
+pub fn public_copy(binary: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static COPYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = COPYING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("observer-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create a public directory");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let copy = dir.join(binary.file_name().expect("a file name"));
+    if !copy.exists() {
+        std::fs::copy(binary, &copy).expect("copy the binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    copy
 }
 
 /// A running scenario program (see src/bin/scenario.rs).
@@ -264,15 +335,15 @@ impl Scenario {
 
     /// Starts the scenario inside network namespace `netns` (via `ip netns exec`).
     pub fn start_in(netns: Option<&str>, args: &[&str]) -> Scenario {
-        let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(scenario_bin());
-                c
-            }
-            None => Command::new(scenario_bin()),
-        };
-        let mut child = command
+        match netns {
+            Some(ns) => Scenario::start_with(&["ip", "netns", "exec", ns], args),
+            None => Scenario::start_with(&[], args),
+        }
+    }
+
+    /// Starts `<wrapper...> scenario <args>`.
+    pub fn start_with(wrapper: &[&str], args: &[&str]) -> Scenario {
+        let mut child = wrapped(wrapper, &scenario_bin())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -284,6 +355,11 @@ impl Scenario {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The scenario's own pid as this (the initial) pid namespace numbers it, under any wrapper.
+    pub fn host_pid(&self) -> u32 {
+        program_under(self.child.id(), &scenario_bin())
     }
 
     pub fn wait_for(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
@@ -356,9 +432,17 @@ pub struct Server {
 impl Server {
     /// `scenario thread-per-connection <args>`, optionally inside a network namespace.
     pub fn start_in(netns: Option<&str>, args: &[&str]) -> Server {
+        match netns {
+            Some(ns) => Server::start_with(&["ip", "netns", "exec", ns], args),
+            None => Server::start_with(&[], args),
+        }
+    }
+
+    /// `<wrapper...> scenario thread-per-connection <args>`.
+    pub fn start_with(wrapper: &[&str], args: &[&str]) -> Server {
         let mut all = vec!["thread-per-connection"];
         all.extend_from_slice(args);
-        let mut scenario = Scenario::start_in(netns, &all);
+        let mut scenario = Scenario::start_with(wrapper, &all);
         let listening = scenario.wait_for("listening", |v| v["event"] == "listening");
         Server {
             pid: as_u64(&listening["pid"]) as u32,

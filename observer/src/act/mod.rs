@@ -140,7 +140,8 @@ pub fn destroy_error(e: &io::Error) -> ActResult {
         ),
         Some(libc::EPERM) | Some(libc::EACCES) => ActResult::fail(
             Outcome::NotPermitted,
-            "destroying sockets needs CAP_NET_ADMIN: run observer as root",
+            "destroying sockets needs CAP_NET_ADMIN in the socket's network namespace: run \
+             observer as root or grant it CAP_NET_ADMIN",
         ),
         Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => ActResult::fail(
             Outcome::Unsupported,
@@ -209,7 +210,9 @@ pub fn pidfd_error(e: &io::Error, pid: u32) -> ActResult {
         Some(libc::EPERM) | Some(libc::EACCES) => ActResult::fail(
             Outcome::NotPermitted,
             format!(
-                "not allowed to take pid {pid}'s fd (needs ptrace access: run as root, outside its LSM confinement)"
+                "not allowed to take pid {pid}'s fd: shutdown needs ptrace access to it \
+                 (CAP_SYS_PTRACE for another user's process; run observer as root or grant it, \
+                 or use --mode destroy)"
             ),
         ),
         Some(libc::ENOSYS) => ActResult::fail(

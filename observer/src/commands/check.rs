@@ -13,11 +13,15 @@ use crate::{
     detect::Policy,
     kernel::{
         btf::{Btf, VMLINUX},
+        netns,
+        privileges::{self, Cap, Caps, names},
         probes::{Backend, LoadOptions, Probes},
+        procfs::{self, ProcError, ProcessTable},
         sock_diag::{DiagSocketHandle, SockId},
         system,
     },
     report::timestamp,
+    snapshot::targets::{Selector, Targets},
 };
 
 /// What `observer check` was asked to check besides the machine.
@@ -25,15 +29,29 @@ use crate::{
 pub struct Options {
     /// A policy file to validate.
     pub config: Option<std::path::PathBuf>,
+    /// The processes `watch` would be given; none: every process `watch` would look at.
+    pub selector: Selector,
 }
 
 /// Runs every check, prints the report, and returns whether `watch` can run.
 pub fn run(args: &Options) -> anyhow::Result<bool> {
-    let caps = system::effective_capabilities();
-    let missing = system::missing_for_watch(caps);
+    let caps = Caps::effective();
+    let missing = caps.missing_to_load();
     let mut problems: Vec<String> = Vec::new();
     if !missing.is_empty() {
-        problems.push(format!("missing {}: run observer as root", missing.join(", ")));
+        problems.push(format!(
+            "missing {} to load the probes: run observer as root or grant it {}",
+            names(&missing),
+            names(&[Cap::Bpf, Cap::Perfmon])
+        ));
+    }
+    let blocked = privileges::seccomp_blocked();
+    if !blocked.is_empty() {
+        problems.push(format!(
+            "a seccomp filter refuses {}: run the container with observer's profile \
+             (deploy/seccomp.json; podman/docker --security-opt seccomp=deploy/seccomp.json)",
+            blocked.join(" and ")
+        ));
     }
 
     let config = args.config.as_ref().map(|path| match Policy::from_file(path) {
@@ -43,6 +61,7 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
             json!({ "ok": false, "path": path, "error": e.to_string() })
         }
     });
+    let targets = targets_report(&args.selector, caps, &mut problems);
 
     let btf = Btf::from_kernel();
     let btf_report = match &btf {
@@ -82,7 +101,7 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         };
         probes.insert(candidate.name().into(), report);
     }
-    if backend.is_none() {
+    if backend.is_none() && missing.is_empty() {
         let reasons: Vec<String> = probes
             .iter()
             .map(|(name, report)| format!("{name}: {}", report["error"].as_str().unwrap_or("?")))
@@ -90,11 +109,9 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         problems.push(format!("no probe backend can run ({})", reasons.join("; ")));
     }
 
-    let capabilities: serde_json::Map<String, Value> = system::CAPABILITIES
+    let capabilities: serde_json::Map<String, Value> = Cap::ALL
         .iter()
-        .map(|(name, _, why)| {
-            (name.to_string(), json!({ "ok": system::has_capability(caps, name), "for": why }))
-        })
+        .map(|&cap| (cap.name().to_owned(), json!({ "ok": caps.has(cap), "for": cap.purpose() })))
         .collect();
     let ready = problems.is_empty();
     let report = json!({
@@ -103,7 +120,9 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         "version": env!("CARGO_PKG_VERSION"),
         "kernel": system::kernel_release(),
         "root": nix::unistd::geteuid().is_root(),
+        "uid": nix::unistd::geteuid().as_raw(),
         "capabilities": capabilities,
+        "seccomp": { "mode": privileges::seccomp_mode(), "refuses": blocked },
         "btf": btf_report,
         "tracefs": {
             "mounted": system::tracefs_mounted(),
@@ -112,6 +131,15 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
             "note": "the tracepoint backend attaches through BTF and does not need tracefs",
         },
         "probes": probes,
+        "targets": targets,
+        "actions": {
+            "destroy": { "ok": caps.has(Cap::NetAdmin), "needs": [Cap::NetAdmin.name()] },
+            "shutdown": {
+                "ok": caps.has(Cap::SysPtrace),
+                "needs": [Cap::SysPtrace.name()],
+                "note": "a process of observer's own user can be shut down without it",
+            },
+        },
         "sock_destroy": sock_destroy_report(),
         "config": config,
         "backend": backend.map(Backend::name),
@@ -126,6 +154,62 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         log::error!("{problem}");
     }
     Ok(ready)
+}
+
+/// Whether `watch` could see the processes it would be given: their fds (another user's
+/// process needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH) and their network namespaces
+/// (another one needs CAP_SYS_ADMIN). Without a selector, every process of this pid namespace.
+fn targets_report(selector: &Selector, caps: Caps, problems: &mut Vec<String>) -> Value {
+    let pids: Vec<u32> = if selector.is_everything() {
+        let mut table = ProcessTable::default();
+        table.refresh().values().filter(|p| !p.kernel_thread && !p.zombie).map(|p| p.pid).collect()
+    } else {
+        match Targets::new(selector.clone()) {
+            Ok(mut targets) => {
+                targets.refresh();
+                targets.pids()
+            }
+            Err(e) => {
+                problems.push(e.to_string());
+                return json!({ "ok": false, "error": e.to_string() });
+            }
+        }
+    };
+    let own_netns = netns::own().ok();
+    let mut refused = Vec::new();
+    let mut other_netns = Vec::new();
+    for &pid in &pids {
+        match procfs::check_access(pid) {
+            Err(e @ ProcError::NotPermitted { .. }) => refused.push((pid, e.to_string())),
+            // Gone meanwhile, or otherwise unreadable: watch copes with both.
+            Err(_) => {}
+            Ok(()) => {
+                if !selector.is_everything() && netns::of_pid(pid).ok() != own_netns {
+                    other_netns.push(pid);
+                }
+            }
+        }
+    }
+    if let Some((_, first)) = refused.first() {
+        let more = match refused.len() {
+            1 => String::new(),
+            n => format!(" (and {} more processes)", n - 1),
+        };
+        problems.push(format!("{first}{more}"));
+    }
+    if !other_netns.is_empty() && !caps.has(Cap::SysAdmin) {
+        problems.push(format!(
+            "pid {} lives in another network namespace: reading its sockets needs CAP_SYS_ADMIN \
+             (run observer as root, or in the same network namespace as a sidecar is)",
+            other_netns[0]
+        ));
+    }
+    json!({
+        "pids": pids.len(),
+        "not_inspectable": refused.iter().map(|(pid, _)| pid).collect::<Vec<_>>(),
+        "other_network_namespace": other_netns,
+        "ok": refused.is_empty() && (other_netns.is_empty() || caps.has(Cap::SysAdmin)),
+    })
 }
 
 /// Whether sock_diag SOCK_DESTROY works here, tried on a loopback connection of our own.

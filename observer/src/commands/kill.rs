@@ -7,9 +7,9 @@ use crate::{
     act::{self, ActResult, Mode, Outcome, SocketRef},
     kernel::{
         netns,
+        privileges::{Cap, Caps},
         procfs::{self, ProcError, ProcessIdentity},
         sock_diag::{DiagSocket, DiagSocketHandle},
-        system,
     },
     report::{ActionEvent, Event, Output},
     snapshot::Identity,
@@ -70,13 +70,11 @@ fn refuse(identity: Option<Identity>, outcome: Outcome, msg: impl Into<String>) 
 
 /// Finds the one socket the arguments name, held by the given process, or says why not.
 fn resolve(args: &Options) -> Result<Resolved, Box<Refused>> {
-    let caps = system::effective_capabilities();
-    let needed = match args.mode {
-        Mode::Destroy => "CAP_NET_ADMIN",
-        Mode::Shutdown => "CAP_SYS_PTRACE",
-    };
-    if !system::has_capability(caps, needed) {
-        let msg = format!("{} needs {needed}: run observer as root", args.mode.name());
+    // Destroying always needs CAP_NET_ADMIN; shutting down needs ptrace access, which a
+    // process of the same user may have without CAP_SYS_PTRACE: the attempt tells.
+    if args.mode == Mode::Destroy && !Caps::effective().has(Cap::NetAdmin) {
+        let msg = "destroy needs CAP_NET_ADMIN: run observer as root or grant it CAP_NET_ADMIN \
+                   (or use --mode shutdown)";
         return Err(refuse(None, Outcome::NotPermitted, msg));
     }
     let process = ProcessIdentity::of(args.pid).map_err(|e| {

@@ -14,6 +14,7 @@ use crate::{
     detect::{Detector, KernelSettings, Policy, Target},
     kernel::{
         btf::Btf,
+        privileges::{Cap, Caps, names},
         probes::{LoadOptions, Probes},
         procfs, system,
     },
@@ -57,11 +58,12 @@ impl Monitor {
     /// Checks privileges and targets, loads the probes; returns the monitor and its `started`
     /// event. Nothing is printed here.
     pub fn start(args: &Options) -> anyhow::Result<(Monitor, StartedEvent)> {
-        let missing = system::missing_for_watch(system::effective_capabilities());
+        let missing = Caps::effective().missing_to_load();
         if !missing.is_empty() {
             bail!(
-                "observer needs root to watch sockets (missing {}): run it with sudo",
-                missing.join(", ")
+                "observer needs {} to load its probes (missing {}): run it as root or grant them",
+                names(&[Cap::Bpf, Cap::Perfmon]),
+                names(&missing)
             );
         }
         let policy = match &args.config {
@@ -163,6 +165,11 @@ impl Monitor {
         for (targets, on) in [(&changes.exited, false), (&changes.started, true)] {
             for t in targets {
                 self.probes.watch(t.pid, on).context("updating the probes' watched processes")?;
+            }
+        }
+        for joined in &changes.started {
+            if let Err(e) = procfs::check_access(joined.pid) {
+                log::warn!("{e}; its connections are alerted without their owner");
             }
         }
         if !changes.exited.is_empty() || !changes.started.is_empty() {

@@ -3,6 +3,7 @@
 //! connection is.
 pub mod btf;
 pub mod netns;
+pub mod privileges;
 pub mod probes;
 pub mod procfs;
 pub mod sock_diag;

@@ -15,52 +15,6 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-/// Capabilities the agent may need, with the capability number and what it is for.
-pub const CAPABILITIES: &[(&str, u32, &str)] = &[
-    ("CAP_BPF", 39, "load BPF programs and maps"),
-    ("CAP_PERFMON", 38, "attach tracing programs"),
-    ("CAP_SYS_PTRACE", 19, "read other processes' fds and threads in /proc"),
-    ("CAP_NET_ADMIN", 12, "destroy sockets through sock_diag"),
-    ("CAP_SYS_ADMIN", 21, "enter other network namespaces; stands in for CAP_BPF/CAP_PERFMON"),
-];
-
-/// The effective capability set of this process.
-pub fn effective_capabilities() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
-        .unwrap_or(0)
-}
-
-pub fn has_capability(effective: u64, name: &str) -> bool {
-    CAPABILITIES
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .is_some_and(|(_, bit, _)| effective & (1 << bit) != 0)
-}
-
-/// What `watch` lacks to run, by capability name; empty when it can run.
-pub fn missing_for_watch(effective: u64) -> Vec<&'static str> {
-    let has = |name| has_capability(effective, name);
-    let admin = has("CAP_SYS_ADMIN");
-    let mut missing = Vec::new();
-    if !(has("CAP_BPF") || admin) {
-        missing.push("CAP_BPF");
-    }
-    if !(has("CAP_PERFMON") || admin) {
-        missing.push("CAP_PERFMON");
-    }
-    if !has("CAP_SYS_PTRACE") {
-        missing.push("CAP_SYS_PTRACE");
-    }
-    missing
-}
-
 /// A pid namespace, as its nsfs file identifies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PidNamespace {
@@ -137,18 +91,4 @@ pub fn reset_peak_memory() {
 pub fn raise_memlock_limit() {
     use nix::sys::resource::{Resource, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, libc::RLIM_INFINITY, libc::RLIM_INFINITY);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn capability_bits() {
-        let all = u64::MAX;
-        assert!(missing_for_watch(all).is_empty());
-        assert_eq!(missing_for_watch(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
-        let admin_and_ptrace = (1 << 21) | (1 << 19);
-        assert!(missing_for_watch(admin_and_ptrace).is_empty(), "SYS_ADMIN covers BPF and PERFMON");
-    }
 }

@@ -47,6 +47,13 @@ struct ServerArgs {
     /// Turn TCP keepalive on for accepted connections, first probe after this many seconds.
     #[arg(long)]
     keepalive_idle: Option<i32>,
+    /// Serve each connection in a child process of its own (fork per connection, as inetd,
+    /// PostgreSQL or Apache's prefork workers do) instead of a thread.
+    #[arg(long)]
+    fork: bool,
+    /// Name the process this (its /proc/PID/comm), so that `--comm` can single it out.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -93,6 +100,16 @@ fn main() {
 }
 
 fn thread_per_connection(args: &ServerArgs) {
+    if let Some(name) = &args.name {
+        let name = std::ffi::CString::new(name.as_str()).expect("a name without NUL bytes");
+        // SAFETY: PR_SET_NAME copies at most 16 bytes from a valid C string.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0, "PR_SET_NAME");
+    }
+    if args.fork {
+        // Children are reaped by the kernel: no zombies pile up.
+        // SAFETY: setting a signal's disposition to SIG_IGN.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    }
     if let Some(n) = args.nofile {
         let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
         // SAFETY: a plain setrlimit with a valid struct.
@@ -124,6 +141,19 @@ fn thread_per_connection(args: &ServerArgs) {
             set_keepalive(&conn, idle);
         }
         let (mode, on_eof) = (args.mode, args.on_eof);
+        if args.fork {
+            // SAFETY: this process has one thread here (no workers in fork mode), so the child
+            // may do anything after fork.
+            match unsafe { libc::fork() } {
+                0 => {
+                    drop(listener);
+                    serve(conn, mode, on_eof);
+                    std::process::exit(0);
+                }
+                -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+                _ => continue, // the child has it; our copy closes here
+            }
+        }
         std::thread::Builder::new()
             .name(format!("worker-{n}"))
             .spawn(move || serve(conn, mode, on_eof))
@@ -150,6 +180,7 @@ fn serve(mut conn: TcpStream, mode: Mode, on_eof: OnEof) {
     report(json!({
         "event": "accepted",
         "fd": fd,
+        "pid": std::process::id(),
         "tid": gettid(),
         "local": conn.local_addr().unwrap().to_string(),
         "remote": conn.peer_addr().unwrap().to_string(),

@@ -64,10 +64,9 @@ pub enum ProbeError {
     Btf(#[from] BtfError),
     #[error("kernel has no tracepoint {0}")]
     MissingTracepoint(&'static str),
-    #[error(
-        "permission denied loading BPF programs: run as root (or with CAP_BPF and CAP_PERFMON)"
-    )]
-    NotPermitted,
+    /// Why, in words that name the fix (missing capabilities, a seccomp filter, an LSM).
+    #[error("{0}")]
+    NotPermitted(String),
     #[error("loading the BPF object failed: {0}")]
     Object(Condensed),
     #[error("{backend} is unavailable on this kernel: {program} on {target}: {detail}")]
@@ -183,7 +182,9 @@ impl Probes {
             match Probes::load_with(backend, options, btf, &aya_btf) {
                 Ok(probes) => return Ok((probes, skipped)),
                 // Privileges or a missing object do not depend on the backend: stop here.
-                Err(e @ (ProbeError::NotPermitted | ProbeError::NoObject | ProbeError::Btf(_))) => {
+                Err(
+                    e @ (ProbeError::NotPermitted(_) | ProbeError::NoObject | ProbeError::Btf(_)),
+                ) => {
                     return Err(e);
                 }
                 Err(error) => skipped.push(Skipped { backend, error }),
@@ -235,7 +236,7 @@ impl Probes {
             .load(OBJECT)
             .map_err(|e| {
                 if errno_of(&e) == Some(libc::EPERM) {
-                    ProbeError::NotPermitted
+                    ProbeError::NotPermitted(super::privileges::load_refused())
                 } else {
                     ProbeError::Object(e.into())
                 }
@@ -502,11 +503,15 @@ fn explain(err: &ProgramError) -> String {
     let errno = errno_of(err);
     let root = nix::unistd::geteuid().is_root();
     match err {
-        ProgramError::LoadError { verifier_log, .. } if errno == Some(libc::EPERM) && root => {
+        ProgramError::LoadError { verifier_log, .. } if errno == Some(libc::EPERM) => {
             let log = verifier_log.to_string();
-            if log.trim().is_empty() {
+            if log.trim().is_empty() && root {
                 "the kernel refused to load it (EPERM for root, empty verifier log: function \
                  tracing is locked down here)"
+                    .into()
+            } else if log.trim().is_empty() {
+                "the kernel refused to load it (EPERM, empty verifier log: function tracing is \
+                 locked down here, or it needs privileges this process lacks)"
                     .into()
             } else {
                 format!("the kernel refused to load it: {}", last_lines(&log))

@@ -4,6 +4,8 @@ use std::{fs, io, sync::Arc};
 
 use thiserror::Error;
 
+use super::privileges::{Cap, Caps, names};
+
 #[cfg(test)]
 pub use self::threads::BlockedCall;
 pub use self::{
@@ -34,12 +36,8 @@ pub enum ProcError {
     KernelThread { pid: u32, comm: String },
     #[error("pid {pid} has exited (a zombie its parent has not reaped): nothing is left to watch")]
     Zombie { pid: u32 },
-    #[error(
-        "not allowed to inspect pid {pid}: observer needs ptrace access to the \
-         target; run it as root, with at least the target's capabilities and outside its LSM \
-         confinement"
-    )]
-    NotPermitted { pid: u32, source: io::Error },
+    #[error("not allowed to inspect pid {pid}: {why}")]
+    NotPermitted { pid: u32, why: String },
     #[error("cannot read /proc/{pid}")]
     Other { pid: u32, source: io::Error },
 }
@@ -47,10 +45,7 @@ pub enum ProcError {
 fn classify(pid: u32, err: ::procfs::ProcError) -> ProcError {
     match err {
         ::procfs::ProcError::NotFound(_) => ProcError::NoSuchProcess(pid),
-        ::procfs::ProcError::PermissionDenied(_) => ProcError::NotPermitted {
-            pid,
-            source: io::Error::from(io::ErrorKind::PermissionDenied),
-        },
+        ::procfs::ProcError::PermissionDenied(_) => not_permitted(pid),
         other => ProcError::Other { pid, source: io::Error::other(other.to_string()) },
     }
 }
@@ -79,20 +74,45 @@ impl ProcessIdentity {
         if stat.zombie {
             return Err(ProcError::Zombie { pid });
         }
-        // Resolving fds is what every poll does; fail now, clearly, if the kernel forbids it
-        // (listing the directory is allowed even where reading the links is not).
-        let first_fd_link = fs::read_dir(format!("/proc/{pid}/fd"))
-            .and_then(|mut dir| dir.next().transpose())
-            .and_then(|entry| entry.map(|e| fs::read_link(e.path())).transpose());
-        if let Err(source) = first_fd_link {
-            return Err(match source.kind() {
-                io::ErrorKind::PermissionDenied => ProcError::NotPermitted { pid, source },
-                io::ErrorKind::NotFound => ProcError::NoSuchProcess(pid),
-                _ => ProcError::Other { pid, source },
-            });
-        }
+        check_access(pid)?;
         Ok(ProcessIdentity { pid, start_time: stat.start_time, comm: stat.comm.to_string() })
     }
+}
+
+/// Whether this process may do what every poll does to `pid`: list its fds and read their links.
+/// Fails, clearly, when the kernel forbids it.
+pub fn check_access(pid: u32) -> Result<(), ProcError> {
+    // Listing the directory and reading a link are checked apart: either can be refused.
+    let first_fd_link = fs::read_dir(format!("/proc/{pid}/fd"))
+        .and_then(|mut dir| dir.next().transpose())
+        .and_then(|entry| entry.map(|e| fs::read_link(e.path())).transpose());
+    match first_fd_link {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(not_permitted(pid)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ProcError::NoSuchProcess(pid)),
+        Err(source) => Err(ProcError::Other { pid, source }),
+    }
+}
+
+/// The refusal to inspect `pid`, with what would allow it.
+fn not_permitted(pid: u32) -> ProcError {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()).ok();
+    let ours = nix::unistd::geteuid().as_raw();
+    let missing = Caps::effective().missing_to_inspect_others();
+    let why = match theirs {
+        Some(uid) if uid != ours && !missing.is_empty() => format!(
+            "it runs as uid {uid} and observer as uid {ours} without {}; run observer as root \
+             or grant it {}",
+            names(&missing),
+            names(&[Cap::SysPtrace, Cap::DacReadSearch])
+        ),
+        _ => "the kernel refuses ptrace access to it (a security module, or a process that is \
+              not dumpable or has capabilities observer lacks); run observer as root, outside \
+              the target's confinement"
+            .to_owned(),
+    };
+    ProcError::NotPermitted { pid, why }
 }
 
 /// A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB.
