@@ -1,6 +1,7 @@
 //! Harness for observer's integration tests: runs the real agent binary and the scenario
 //! programs, and waits (with deadlines, never fixed sleeps) for the JSON lines they print.
 pub mod netns;
+pub mod podman;
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -154,7 +155,7 @@ impl JsonLines {
 /// A running `observer` process.
 pub struct Agent {
     child: Child,
-    binary: PathBuf,
+    binary: Option<PathBuf>,
     pub out: JsonLines,
     stderr: Receiver<String>,
 }
@@ -168,9 +169,16 @@ impl Agent {
     /// Starts `<wrapper...> <binary> <args>` (a wrapper such as `nsenter ...` or `setpriv ...`
     /// runs the agent, by exec or as its child) and waits for its `started` event.
     pub fn start_with(wrapper: &[&str], binary: &Path, args: &[&str]) -> Agent {
+        let mut command = wrapped(wrapper, binary);
+        command.args(args);
+        Agent::start_command(command, Some(binary))
+    }
+
+    /// Starts the agent `command` runs (in a container, say) and waits for its `started`
+    /// event. `binary`, when the agent runs on this host, lets signals reach it past wrappers.
+    pub fn start_command(mut command: Command, binary: Option<&Path>) -> Agent {
         require_root();
-        let mut child = wrapped(wrapper, binary)
-            .args(args)
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -184,10 +192,11 @@ impl Agent {
             let _ = err_pipe.read_to_string(&mut text);
             let _ = tx.send(text);
         });
-        let mut agent = Agent { child, binary: binary.to_path_buf(), out, stderr };
+        let binary = binary.map(Path::to_path_buf);
+        let mut agent = Agent { child, binary, out, stderr };
         if let Err(e) = agent
             .out
-            .wait_for("started event", Duration::from_secs(30), |v| v["event"] == "started")
+            .wait_for("started event", Duration::from_secs(60), |v| v["event"] == "started")
         {
             let _ = agent.child.kill();
             panic!("observer did not start: {e}\nstderr:\n{}", agent.stderr_text());
@@ -239,8 +248,12 @@ impl Agent {
     }
 
     /// The agent's own pid: the child's, or, under a wrapper that forks, its descendant's.
+    /// (A container's agent is reached through its `podman run`, which passes signals on.)
     pub fn program_pid(&self) -> u32 {
-        program_under(self.child.id(), &self.binary)
+        match &self.binary {
+            Some(binary) => program_under(self.child.id(), binary),
+            None => self.child.id(),
+        }
     }
 
     pub fn stderr_text(&mut self) -> String {
@@ -343,8 +356,14 @@ impl Scenario {
 
     /// Starts `<wrapper...> scenario <args>`.
     pub fn start_with(wrapper: &[&str], args: &[&str]) -> Scenario {
-        let mut child = wrapped(wrapper, &scenario_bin())
-            .args(args)
+        let mut command = wrapped(wrapper, &scenario_bin());
+        command.args(args);
+        Scenario::start_command(command)
+    }
+
+    /// Starts the scenario `command` runs (in a container, say).
+    pub fn start_command(mut command: Command) -> Scenario {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -442,7 +461,11 @@ impl Server {
     pub fn start_with(wrapper: &[&str], args: &[&str]) -> Server {
         let mut all = vec!["thread-per-connection"];
         all.extend_from_slice(args);
-        let mut scenario = Scenario::start_with(wrapper, &all);
+        Server::of(Scenario::start_with(wrapper, &all))
+    }
+
+    /// A `thread-per-connection` scenario already started, once it listens.
+    pub fn of(mut scenario: Scenario) -> Server {
         let listening = scenario.wait_for("listening", |v| v["event"] == "listening");
         Server {
             pid: as_u64(&listening["pid"]) as u32,

@@ -2,6 +2,7 @@
 //! fresh machine goes from clone to running agent or passing tests with one command.
 mod bench;
 mod cpio;
+mod image;
 mod setup;
 mod vm;
 
@@ -18,6 +19,8 @@ usage: cargo xtask <command>
   setup            install what building needs: nightly rust-src, bpf-linker; mount tracefs
   build            setup, then build target/release/observer (BPF programs embedded)
   run -- ARGS      build, then run target/release/observer ARGS (as root)
+  image            build, then the OCI image observer:<version> and observer:latest (FROM
+                   scratch, offline) into the local podman store, and docker's if it runs
   test             setup, lint, unit tests, build, the privileged integration tests, then vm-test
   bench [--smoke] [--only PART]
                    measure every performance figure against its baseline measured in the same
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("build") => build().map(drop),
         Some("run") => run(&args[1..]),
+        Some("image") => build().and_then(|binary| image::build(&binary)).map(drop),
         Some("test") => test(),
         Some("vm-test") => vm_test(false),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(bench),
@@ -112,8 +116,12 @@ fn test() -> Result<()> {
     }
     setup::test_tools()?;
     let binary = build()?;
+    // The container tests run the image users would: built from this very binary.
+    let [image, _] = image::build(&binary)?;
     status(
-        cargo(&["test", "--release", "--package", "observer-tests"]).env("OBSERVER_BIN", &binary),
+        cargo(&["test", "--release", "--package", "observer-tests"])
+            .env("OBSERVER_BIN", &binary)
+            .env("OBSERVER_IMAGE", &image),
     )?;
     vm_test(true)?;
     // The long benchmark is not for CI; its harness is, at toy sizes.

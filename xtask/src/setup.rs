@@ -17,15 +17,45 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Host tools the integration tests drive: iproute2 (`ip netns`) and nftables (`nft`, to make a
-/// peer vanish). Installed from the distribution if missing.
+/// Host tools the integration tests drive, installed if missing: iproute2 (`ip netns`),
+/// nftables (`nft`, to make a peer vanish), util-linux (`unshare`, `nsenter`, `setpriv`),
+/// podman with runc and busybox-static (containers), and PyPI's kubernetes-validate (the
+/// Kubernetes API schemas, offline).
 pub fn test_tools() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+    let tools = [
+        ("ip", "-V", "iproute2"),
+        ("nft", "-V", "nftables"),
+        ("setpriv", "--version", "util-linux"),
+        ("podman", "--version", "podman"),
+        ("runc", "--version", "runc"),
+        ("busybox", "--help", "busybox-static"),
+    ];
+    let mut missing: Vec<&str> = tools
         .into_iter()
-        .filter(|(tool, _)| output(Command::new(tool).arg("-V")).is_none())
-        .map(|(_, package)| package)
+        .filter(|(tool, arg, _)| output(Command::new(tool).arg(arg)).is_none())
+        .map(|(_, _, package)| package)
         .collect();
-    if missing.is_empty() { Ok(()) } else { apt_install(&missing) }
+    missing.dedup();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    let has_validator = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_validator {
+        eprintln!("xtask: installing kubernetes-validate from PyPI");
+        status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "kubernetes-validate",
+        ]))
+        .context("cannot install kubernetes-validate with pip")?;
+    }
+    Ok(())
 }
 
 /// Installs Debian packages, refreshing the package lists once if needed.

@@ -46,7 +46,9 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         ));
     }
     let blocked = privileges::seccomp_blocked();
-    if !blocked.is_empty() {
+    // Without perf_event_open only the kprobe backend is lost: the probe attempts below say so.
+    let bpf_blocked = blocked.contains(&"bpf");
+    if bpf_blocked {
         problems.push(format!(
             "a seccomp filter refuses {}: run the container with observer's profile \
              (deploy/seccomp.json; podman/docker --security-opt seccomp=deploy/seccomp.json)",
@@ -78,7 +80,7 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
     let mut notes = serde_json::Map::new();
     for &candidate in Backend::ALL {
         let result = match &btf {
-            Ok(btf) if missing.is_empty() => {
+            Ok(btf) if missing.is_empty() && !bpf_blocked => {
                 system::raise_memlock_limit();
                 let options = LoadOptions { only: None, max_sockets: 1024, syscall_timing: false };
                 Probes::load(candidate, &options, btf)
@@ -89,7 +91,8 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
                     })
                     .map_err(|e| e.to_string())
             }
-            Ok(_) => Err("not tried: missing privileges".to_owned()),
+            Ok(_) if !bpf_blocked => Err("not tried: missing privileges".to_owned()),
+            Ok(_) => Err("not tried: a seccomp filter refuses bpf".to_owned()),
             Err(_) => Err("not tried: no kernel BTF".to_owned()),
         };
         let report = match result {
@@ -101,7 +104,7 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         };
         probes.insert(candidate.name().into(), report);
     }
-    if backend.is_none() && missing.is_empty() {
+    if backend.is_none() && missing.is_empty() && !bpf_blocked {
         let reasons: Vec<String> = probes
             .iter()
             .map(|(name, report)| format!("{name}: {}", report["error"].as_str().unwrap_or("?")))
