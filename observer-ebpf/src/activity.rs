@@ -8,7 +8,7 @@ use aya_ebpf::{
         generated::{bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie},
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use observer_common::{
     BPF_F_NO_PREALLOC, Counter, DEFAULT_MAX_TRACKED_SOCKETS, Direction, KernelOffsets,
@@ -26,6 +26,12 @@ static SOCKETS: HashMap<u64, SockActivity> =
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Sockets that could not be added to `SOCKETS` (it was full), so that each is counted once in
+/// `TrackFailed` although every later event of it fails again. Least recently used ones make
+/// room: only beyond 65,536 untracked sockets can one be counted twice.
+#[map]
+static UNTRACKED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65_536, 0);
 
 /// The watched processes, one bit per process id (as the agent's pid namespace numbers them):
 /// word `tgid / 64`, bit `tgid % 64`. An array lookup, which the verifier inlines, and a bit test
@@ -206,7 +212,9 @@ pub fn entry(sk: *mut c_void, cookie: u64, known: Known) -> Option<*mut SockActi
     let fresh = SockActivity { first_seen_ns: now_ns(), ..SockActivity::default() };
     // NOEXIST: another CPU may have created it meanwhile; then we use theirs below.
     if SOCKETS.insert(cookie, fresh, BPF_NOEXIST).is_err() && SOCKETS.get_ptr(cookie).is_none() {
-        count(Counter::TrackFailed);
+        if UNTRACKED.insert(cookie, 1u8, BPF_NOEXIST).is_ok() {
+            count(Counter::TrackFailed);
+        }
         return None;
     }
     SOCKETS.get_ptr_mut(cookie)

@@ -9,6 +9,12 @@ use clap::{
 };
 use observer_common::DEFAULT_MAX_TRACKED_SOCKETS;
 
+/// A BPF hash map rounds its size up to a power of two buckets, at most 2^27 of them (the
+/// kernel refuses more with E2BIG).
+const MAX_TRACKED_SOCKETS: i64 = 1 << 27;
+/// PID_MAX_LIMIT: no process id is higher.
+const MAX_PID: i64 = 1 << 22;
+
 use crate::{
     act::Mode,
     commands::{check, kill, watch},
@@ -83,7 +89,7 @@ pub enum Command {
 #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["cookie", "local"])))]
 pub struct KillArgs {
     /// The process holding the socket.
-    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pid: u32,
 
     /// The socket's cookie, as an alert's `cookie` field (or `ss -e`) gives it.
@@ -118,7 +124,7 @@ pub struct CheckArgs {
     /// Check that `watch --pid PID` could inspect this process (repeat for several). Without
     /// --pid or --comm, every process `watch` would look at is checked.
     #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pids: Vec<u32>,
 
     /// Check the processes `watch --comm NAME` would watch now (repeat for several).
@@ -137,7 +143,7 @@ pub struct WatchArgs {
     /// processes, the container's own numbering. The agent exits (after a `target_exited`
     /// event per pid) once every watched process is gone. Example: --pid 4242 --pid 4243
     #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pids: Vec<u32>,
 
     /// With --pid: watch only the named processes, not what they fork.
@@ -160,7 +166,7 @@ pub struct WatchArgs {
     /// How often to look at the sockets. Alerts come at most one interval after a connection
     /// crosses its threshold. Examples: 500ms, 1s, 5s
     #[arg(long, value_name = "DURATION", default_value = "1s", env = "OBSERVER_POLL_INTERVAL",
-          value_parser = units::positive_duration)]
+          value_parser = units::poll_interval)]
     pub poll_interval: Duration,
 
     /// Which probes to use. auto: the best this kernel allows, trying fentry, then kprobe, then
@@ -200,9 +206,11 @@ pub struct WatchArgs {
           value_parser = units::duration)]
     pub action_after: Duration,
 
-    /// Never end more than this many connections in any minute; the rest wait their turn.
-    #[arg(long, value_name = "N", default_value_t = 10, env = "OBSERVER_MAX_ACTIONS_PER_MINUTE")]
-    pub max_actions_per_minute: usize,
+    /// Never end more than this many connections in any minute (1 to 10000); the rest wait
+    /// their turn.
+    #[arg(long, value_name = "N", default_value_t = 10, env = "OBSERVER_MAX_ACTIONS_PER_MINUTE",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_actions_per_minute: u32,
 
     /// Print the `action` lines --action would produce, change nothing.
     #[arg(long, requires = "action", env = "OBSERVER_DRY_RUN")]
@@ -220,11 +228,12 @@ pub struct WatchArgs {
     #[arg(long, env = "OBSERVER_PROBE_STATS")]
     pub probe_stats: bool,
 
-    /// Capacity of the in-kernel socket table. Sockets beyond it are not tracked by the probes
-    /// (their alerts then rely on the kernel's own counters) and are counted as `track_failed`
-    /// in `stats`.
+    /// Capacity of the in-kernel socket table, 64 to 134217728 (the most a BPF hash map
+    /// takes). Sockets beyond it are not tracked by the probes (their alerts then rely on the
+    /// kernel's own counters) and are counted as `track_failed` in `stats`.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED_SOCKETS,
-          env = "OBSERVER_MAX_SOCKETS", value_parser = clap::value_parser!(u32).range(1024..))]
+          env = "OBSERVER_MAX_SOCKETS",
+          value_parser = clap::value_parser!(u32).range(64..=MAX_TRACKED_SOCKETS))]
     pub max_sockets: u32,
 }
 
@@ -322,7 +331,7 @@ impl WatchArgs {
                 mode,
                 reasons: self.action_on.clone(),
                 after: self.action_after,
-                max_per_minute: self.max_actions_per_minute,
+                max_per_minute: self.max_actions_per_minute as usize,
                 dry_run: self.dry_run,
             }),
             syscall_timing: self.syscall_timing,

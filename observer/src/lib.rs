@@ -22,6 +22,10 @@
 //! - *thread syscall* / *thread TCP call*: what the probes record of a thread inside a socket
 //!   syscall (`--syscall-timing`) or inside the kernel's TCP send or receive (fentry, kprobe).
 //! - *attribution*: naming the threads stuck with a socket, from those records and /proc.
+// What users and the kernel feed the agent never panics it: errors come back as values. (The
+// parsers of outside input are fuzzed too; see fuzz/.)
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub(crate) mod act;
 pub(crate) mod alerts;
 pub mod cli;

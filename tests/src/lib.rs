@@ -6,7 +6,7 @@ pub mod podman;
 use std::{
     io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc::{Receiver, RecvTimeoutError, channel},
     thread,
     time::{Duration, Instant},
@@ -57,7 +57,7 @@ pub struct JsonLines {
 
 impl JsonLines {
     /// Reads `stdout` of the program `who` (named in failures) on a thread of its own.
-    pub fn new(stdout: ChildStdout, who: &'static str) -> Self {
+    pub fn new(stdout: impl Read + Send + 'static, who: &'static str) -> Self {
         let (tx, rx) = channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {

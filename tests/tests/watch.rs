@@ -217,3 +217,28 @@ fn bad_flags_are_usage_errors() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
     }
 }
+
+#[test]
+fn a_full_socket_map_counts_each_untracked_socket_once_and_says_so() {
+    let mut server = Server::start(&[]);
+    // Room for 64 sockets; 100 connections are 200 sockets, each with several events.
+    let mut agent =
+        observer_tests::start_agent(&[], &["--max-sockets", "64", "--stats-interval", "200ms"]);
+    let mut clients: Vec<TcpStream> = (0..100).map(|_| server.connect().0).collect();
+    let mut buf = [0u8; 4];
+    for _ in 0..3 {
+        for client in &mut clients {
+            client.write_all(b"ping").unwrap();
+            client.read_exact(&mut buf).unwrap();
+        }
+    }
+    agent.settle(DEADLINE);
+    let stats = agent.out.seen.iter().rev().find(|v| v["event"] == "stats").unwrap().clone();
+    let failed = as_u64(&stats["probe_counters"]["track_failed"]);
+    // At least the sockets beyond the 64; at most every socket once (12 events each: counting
+    // events would give more than 1,600). Other sockets of the machine may take room too.
+    assert!((136..=400).contains(&failed), "track_failed {failed}: {stats}");
+    assert_eq!(agent.stop().code(), Some(0));
+    let stderr = agent.stderr_text();
+    assert!(stderr.contains("socket map is full") && stderr.contains("--max-sockets"), "{stderr}");
+}

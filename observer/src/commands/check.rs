@@ -57,10 +57,13 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
     }
 
     let config = args.config.as_ref().map(|path| match Policy::from_file(path) {
-        Ok(policy) => json!({ "ok": true, "path": path, "rules": policy.rules().len() }),
+        // Shown, not serialized: a path need not be UTF-8.
+        Ok(policy) => {
+            json!({ "ok": true, "path": path.display().to_string(), "rules": policy.rules().len() })
+        }
         Err(e) => {
             problems.push(e.to_string());
-            json!({ "ok": false, "path": path, "error": e.to_string() })
+            json!({ "ok": false, "path": path.display().to_string(), "error": e.to_string() })
         }
     });
     let targets = targets_report(&args.selector, caps, &mut problems);

@@ -6,6 +6,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use observer_common::Counter;
 
 use super::watch::Options;
 use crate::{
@@ -41,7 +42,12 @@ pub struct Monitor {
     last: Option<Snapshot>,
     /// Kernel BPF run-time statistics stay on while this fd is open (`--probe-stats`).
     _stats_enabled: Option<std::os::fd::OwnedFd>,
+    /// Sockets the probes could not track, as of the last warning about it, and when that was.
+    untracked_warned: (u64, Option<Instant>),
 }
+
+/// How often the "socket map is full" warning may repeat while it stays full.
+const FULL_MAP_WARNING_EVERY: Duration = Duration::from_secs(600);
 
 /// The agent's own health, as `stats` reports it.
 #[derive(Clone, Debug, Default)]
@@ -135,6 +141,7 @@ impl Monitor {
             probe_stats: args.probe_stats,
             last: None,
             _stats_enabled: stats_enabled,
+            untracked_warned: (0, None),
         };
         Ok((monitor, started))
     }
@@ -226,7 +233,27 @@ impl Monitor {
             }
         }
         self.last = Some(snapshot);
+        self.warn_if_map_full();
         Ok(())
+    }
+
+    /// Says on stderr, once and then every ten minutes while it lasts, that sockets go
+    /// untracked for want of room in the probes' map: their alerts rely on tcp_info alone.
+    fn warn_if_map_full(&mut self) {
+        let counters = self.probes.counters();
+        let untracked = counters.get(Counter::TrackFailed.name()).copied().unwrap_or(0);
+        let (warned_at_count, warned_at) = self.untracked_warned;
+        let due = warned_at.is_none_or(|t| t.elapsed() >= FULL_MAP_WARNING_EVERY);
+        if untracked > warned_at_count && due {
+            log::warn!(
+                "the probes' socket map is full ({} entries, --max-sockets {}): {untracked} \
+                 sockets could not be tracked so far, and their alerts rely on the kernel's \
+                 counters alone; raise --max-sockets",
+                self.stats.map_entries,
+                self.probes.socket_capacity()
+            );
+            self.untracked_warned = (untracked, Some(Instant::now()));
+        }
     }
 
     /// Whether every selected process is gone (and no name can match again).

@@ -60,7 +60,7 @@ pub struct ActionOptions {
 const MAX_FAILED_POLLS: u32 = 10;
 /// How long a stop waits for queued events to reach stdout: a stop request is obeyed within a
 /// second whatever the reader of stdout does.
-const DRAIN_ON_STOP: Duration = Duration::from_millis(700);
+const DRAIN_ON_STOP: Duration = Duration::from_millis(500);
 
 pub async fn run(args: Options) -> anyhow::Result<()> {
     // Installed before anything is loaded, so a stop request that arrives while the probes load

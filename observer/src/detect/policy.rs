@@ -111,6 +111,13 @@ pub enum PolicyError {
     // The io error is part of the message, not a source, so it is printed once.
     #[error("cannot read policy file {path}: {error}")]
     Read { path: PathBuf, error: std::io::Error },
+    #[error("policy file {path} is not a regular file: give the path of a TOML file")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "policy file {path} is {bytes} bytes, more than the {MAX_POLICY_BYTES} a policy file may \
+         have: split it, or match ports and addresses with lists and CIDR blocks"
+    )]
+    TooLarge { path: PathBuf, bytes: u64 },
     #[error("{path}:{line}:{column}: {message}")]
     Invalid { path: PathBuf, line: usize, column: usize, message: String },
 }
@@ -124,8 +131,7 @@ impl Applied<'_> {
 
 impl Policy {
     pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| PolicyError::Read { path: path.to_owned(), error })?;
+        let text = read_policy_text(path)?;
         Policy::parse(&text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |span| line_column(&text, span.start));
             // One line: toml's own messages can span several.
@@ -195,8 +201,33 @@ pub(crate) fn idle_after(timeout: std::time::Duration) -> Policy {
         .with_command_line(Overrides { idle_timeout: Some(timeout), ..Default::default() })
 }
 
+/// The largest policy file read: about 16,000 rules, far more than a hand-written one has.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
+/// A policy file's text. Only a regular file is read (a FIFO would block `check` forever), and
+/// only up to [`MAX_POLICY_BYTES`].
+fn read_policy_text(path: &Path) -> Result<String, PolicyError> {
+    use std::io::Read;
+    let read_error = |error| PolicyError::Read { path: path.to_owned(), error };
+    let meta = std::fs::metadata(path).map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(PolicyError::NotAFile { path: path.to_owned() });
+    }
+    if meta.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge { path: path.to_owned(), bytes: meta.len() });
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_POLICY_BYTES + 1).read_to_string(&mut text))
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge { path: path.to_owned(), bytes: text.len() as u64 });
+    }
+    Ok(text)
+}
+
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
@@ -471,6 +502,19 @@ slow_min_rate = 8
             let e = error_of(text);
             assert!(e.starts_with(&format!("FILE:{line}:")) && e.contains(says), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn only_regular_files_of_reasonable_size_are_read() {
+        let err = Policy::from_file(Path::new("/dev/null")).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("observer-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.toml");
+        std::fs::write(&big, "# x\n".repeat(300_000)).unwrap();
+        let err = Policy::from_file(&big).unwrap_err().to_string();
+        assert!(err.contains("more than the 1048576"), "{err}");
+        assert_eq!(err.lines().count(), 1);
     }
 
     #[test]

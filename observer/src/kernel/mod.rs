@@ -16,6 +16,19 @@ use std::{
     os::fd::{AsFd, AsRawFd},
 };
 
+/// The native-endian integer at `at` in bytes the kernel wrote, if they reach that far.
+pub fn ne_u16(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(bytes.get(at..at.checked_add(2)?)?.try_into().ok()?))
+}
+
+pub fn ne_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+pub fn ne_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
 /// SO_COOKIE: the socket's cookie, the number sock_diag and the probes know it by.
 pub fn socket_cookie(socket: &impl AsFd) -> io::Result<u64> {
     let mut value = 0u64;

@@ -286,38 +286,56 @@ impl DiagSocketHandle {
                 }
                 return Err(err.into());
             }
-            let mut rest = &buf[..n as usize];
-            while rest.len() >= NLMSG_HDR_LEN {
-                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
-                let msg_type = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
-                let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
-                if len < NLMSG_HDR_LEN || len > rest.len() {
-                    return Err(DiagError::Malformed("netlink message length"));
-                }
-                let payload = &rest[NLMSG_HDR_LEN..len];
-                rest = &rest[align4(len).min(rest.len())..];
+            for message in netlink_messages(buf.get(..n as usize).unwrap_or_default()) {
+                let Message { kind, seq, payload } = message?;
                 if seq != self.seq {
                     continue; // a late reply to an earlier, abandoned request
                 }
-                match msg_type {
+                match kind {
                     NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
-                        let errno = payload
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-                            .ok_or(DiagError::Malformed("netlink error message"))?;
+                        let errno = super::ne_u32(payload, 0)
+                            .ok_or(DiagError::Malformed("netlink error message"))?
+                            as i32;
                         // errno 0 is the acknowledgement of a successful request.
                         return if errno == 0 {
                             Ok(())
                         } else {
-                            Err(io::Error::from_raw_os_error(-errno).into())
+                            Err(io::Error::from_raw_os_error(errno.wrapping_neg()).into())
                         };
                     }
-                    _ => on_message(msg_type, payload)?,
+                    _ => on_message(kind, payload)?,
                 }
             }
         }
     }
+}
+
+/// One netlink message of a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub kind: u16,
+    pub seq: u32,
+    pub payload: &'a [u8],
+}
+
+/// The messages of one netlink datagram, in order; a malformed length ends it with an error.
+pub fn netlink_messages(datagram: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DiagError>> {
+    let mut rest = datagram;
+    std::iter::from_fn(move || {
+        if rest.len() < NLMSG_HDR_LEN {
+            return None;
+        }
+        let header = (super::ne_u32(rest, 0), super::ne_u16(rest, 4), super::ne_u32(rest, 8));
+        let (Some(len), Some(kind), Some(seq)) = header else { return None };
+        let len = len as usize;
+        let Some(payload) = rest.get(NLMSG_HDR_LEN..len).filter(|_| len >= NLMSG_HDR_LEN) else {
+            rest = &[];
+            return Some(Err(DiagError::Malformed("netlink message length")));
+        };
+        rest = rest.get(align4(len)..).unwrap_or_default();
+        Some(Ok(Message { kind, seq, payload }))
+    })
 }
 
 fn align4(n: usize) -> usize {
@@ -511,64 +529,64 @@ fn ip_bytes(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-fn parse_addr(family: u8, raw: &[u8], port: u16) -> Endpoint {
+fn parse_addr(family: u8, raw: &[u8], port: u16) -> Option<Endpoint> {
     let v6 = family != libc::AF_INET as u8;
     let mut ip = [0u8; 16];
     if v6 {
-        ip.copy_from_slice(&raw[..16]);
+        ip.copy_from_slice(raw.get(..16)?);
     } else {
-        ip[..4].copy_from_slice(&raw[..4]);
+        ip[..4].copy_from_slice(raw.get(..4)?);
     }
-    Endpoint { ip, port, v6 }
+    Some(Endpoint { ip, port, v6 })
 }
 
 /// Parses one inet_diag_msg and its attributes.
 pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
+    let short = DiagError::Malformed("short inet_diag_msg");
     if payload.len() < DIAG_MSG_LEN {
-        return Err(DiagError::Malformed("short inet_diag_msg"));
+        return Err(short);
     }
-    let u32_at = |at: usize| u32::from_ne_bytes(payload[at..at + 4].try_into().unwrap());
-    let family = payload[0];
-    let id = &payload[4..4 + SOCKID_LEN];
+    let u32_at =
+        |at: usize| super::ne_u32(payload, at).ok_or(DiagError::Malformed("short inet_diag_msg"));
+    let id = payload.get(4..4 + SOCKID_LEN).ok_or(short)?;
+    let (family, state, timer) = (payload[0], payload[1], payload[2]);
     let sport = u16::from_be_bytes([id[0], id[1]]);
     let dport = u16::from_be_bytes([id[2], id[3]]);
-    let cookie = u64::from(u32::from_ne_bytes(id[40..44].try_into().unwrap()))
-        | u64::from(u32::from_ne_bytes(id[44..48].try_into().unwrap())) << 32;
+    let half = |at: usize| super::ne_u32(id, at).map(u64::from).unwrap_or(0);
+    let cookie = half(40) | half(44) << 32;
+    let address = DiagError::Malformed("socket address");
     let mut socket = DiagSocket {
         family,
         // Dumps ask only for states this type names: anything else is a broken reply.
-        state: TcpState::from_raw(u32::from(payload[1]))
+        state: TcpState::from_raw(u32::from(state))
             .ok_or(DiagError::Malformed("unknown TCP state"))?,
-        timer: payload[2],
-        local: parse_addr(family, &id[4..20], sport),
-        remote: parse_addr(family, &id[20..36], dport),
-        interface: u32::from_ne_bytes(id[36..40].try_into().unwrap()),
+        timer,
+        local: parse_addr(family, &id[4..20], sport)
+            .ok_or(DiagError::Malformed("socket address"))?,
+        remote: parse_addr(family, &id[20..36], dport).ok_or(address)?,
+        interface: u32_at(4 + 36)?,
         cookie,
-        timer_expires_ms: u32_at(52),
-        rqueue: u32_at(56),
-        wqueue: u32_at(60),
-        inode: u32_at(68),
+        timer_expires_ms: u32_at(52)?,
+        rqueue: u32_at(56)?,
+        wqueue: u32_at(60)?,
+        inode: u32_at(68)?,
         drops: None,
         tcp: None,
     };
     let mut attrs = &payload[DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
         let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            return Err(DiagError::Malformed("attribute length"));
-        }
-        let value = &attrs[4..len];
+        let value = attrs
+            .get(4..len)
+            .filter(|_| len >= 4)
+            .ok_or(DiagError::Malformed("attribute length"))?;
         match kind {
             INET_DIAG_INFO => socket.tcp = Some(TcpInfo::parse(value)),
-            INET_DIAG_SKMEMINFO => {
-                let at = SK_MEMINFO_DROPS * 4;
-                socket.drops =
-                    value.get(at..at + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
-            }
+            INET_DIAG_SKMEMINFO => socket.drops = super::ne_u32(value, SK_MEMINFO_DROPS * 4),
             _ => {}
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
+        attrs = attrs.get(align4(len)..).unwrap_or_default();
     }
     Ok(socket)
 }

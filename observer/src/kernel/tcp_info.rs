@@ -31,12 +31,8 @@ pub struct TcpInfo {
 impl TcpInfo {
     pub fn parse(raw: &[u8]) -> TcpInfo {
         let u8_at = |at: usize| raw.get(at).copied().unwrap_or(0);
-        let u32_at = |at: usize| {
-            raw.get(at..at + 4).map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
-        };
-        let u64_at = |at: usize| {
-            raw.get(at..at + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
-        };
+        let u32_at = |at: usize| super::ne_u32(raw, at).unwrap_or(0);
+        let u64_at = |at: usize| super::ne_u64(raw, at).unwrap_or(0);
         TcpInfo {
             state: u8_at(0),
             retransmits: u8_at(2),

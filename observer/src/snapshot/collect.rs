@@ -21,7 +21,7 @@ use crate::{
         netns,
         probes::{self, Probes},
         procfs::{self, FdCache, Owner},
-        sock_diag::{DiagSocket, DiagSocketHandle, Extensions, PortFilter},
+        sock_diag::{DiagError, DiagSocket, DiagSocketHandle, Extensions, PortFilter},
         system,
     },
 };
@@ -265,7 +265,10 @@ impl Collector {
                 for batch in arrivals.iter() {
                     take(&mut sockets, batch);
                 }
-                (mine, theirs.join().expect("dump thread"))
+                let theirs = theirs
+                    .join()
+                    .unwrap_or(Err(DiagError::Malformed("the second dump thread failed")));
+                (mine, theirs)
             });
             mine.and(theirs).context("reading the TCP socket table")?;
         }

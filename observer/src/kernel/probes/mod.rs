@@ -64,6 +64,8 @@ pub enum ProbeError {
     Btf(#[from] BtfError),
     #[error("kernel has no tracepoint {0}")]
     MissingTracepoint(&'static str),
+    #[error("no probe backend was tried")]
+    NoBackend,
     /// Why, in words that name the fix (missing capabilities, a seccomp filter, an LSM).
     #[error("{0}")]
     NotPermitted(String),
@@ -190,7 +192,11 @@ impl Probes {
                 Err(error) => skipped.push(Skipped { backend, error }),
             }
         }
-        Err(skipped.pop().map(|s| s.error).expect("at least one candidate"))
+        match skipped.pop() {
+            Some(last) => Err(last.error),
+            // Every choice names at least one backend.
+            None => Err(ProbeError::NoBackend),
+        }
     }
 
     pub fn load(backend: Backend, options: &LoadOptions, btf: &Btf) -> Result<Self, ProbeError> {
