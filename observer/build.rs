@@ -11,6 +11,8 @@ use std::{env, fs, path::PathBuf, process::Command};
 const OBJECT: &str = "observer-probes";
 
 fn main() -> anyhow::Result<()> {
+    // `cargo fuzz` builds with --cfg fuzzing, which exposes the parsers to the fuzz targets.
+    println!("cargo::rustc-check-cfg=cfg(fuzzing)");
     println!("cargo:rerun-if-env-changed=OBSERVER_EBPF");
     println!("cargo:rerun-if-env-changed=PATH");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -36,3 +36,40 @@ pub(crate) mod kernel;
 pub(crate) mod report;
 pub(crate) mod snapshot;
 pub(crate) mod units;
+
+/// Entry points for the fuzzers (fuzz/), which feed the parsers of outside input anything.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    use crate::{
+        detect::Policy,
+        kernel::{btf::Btf, procfs, sock_diag, tcp_info::TcpInfo},
+    };
+
+    /// A policy file's text.
+    pub fn policy(text: &str) {
+        let _ = Policy::parse(text);
+    }
+
+    /// A netlink datagram as sock_diag answers a dump, each message parsed as a socket.
+    pub fn sock_diag(datagram: &[u8]) {
+        for message in sock_diag::netlink_messages(datagram).flatten() {
+            let _ = sock_diag::parse_diag_msg(message.payload);
+        }
+        let _ = TcpInfo::parse(datagram);
+    }
+
+    /// /proc/PID/stat and /proc/PID/task/TID/syscall lines.
+    pub fn procfs(text: &str) {
+        let _ = procfs::ProcessEntry::parse(1, text);
+        let _ = procfs::parse_syscall_line(text);
+    }
+
+    /// Kernel BTF, and the look-ups the agent makes in it.
+    pub fn btf(data: &[u8]) {
+        if let Ok(btf) = Btf::parse(data) {
+            let _ = btf.member_offset("sock", &["__sk_common", "skc_state"]);
+            let _ = btf.function_arity("tcp_recvmsg");
+            let _ = btf.has_tracepoint("sock_send_length");
+        }
+    }
+}

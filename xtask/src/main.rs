@@ -2,6 +2,7 @@
 //! fresh machine goes from clone to running agent or passing tests with one command.
 mod bench;
 mod cpio;
+mod fuzz;
 mod image;
 mod setup;
 mod vm;
@@ -28,6 +29,9 @@ usage: cargo xtask <command>
                    and memory at 10k-100k connections) and write docs/benchmarks.md (~6 min).
                    --smoke: toy sizes, seconds (CI). --only hot-path|per-event|latency|scale|churn:
                    one part, report not written
+  fuzz [--seconds N]
+                   feed each parser of outside input (policy file, sock_diag, /proc, BTF) to
+                   libFuzzer for N seconds (default 300) from fuzz/corpus
   vm-test          boot a Debian 6.1 kernel under qemu and run the scenarios under every probe
                    backend there (fentry and kprobe do not work on this machine's kernel);
                    updates README.md's kernel support table";
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Some("image") => build().and_then(|binary| image::build(&binary)).map(drop),
         Some("test") => test(),
         Some("vm-test") => vm_test(false),
+        Some("fuzz") => fuzz_seconds(&args[1..]).and_then(fuzz::run),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(bench),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -124,6 +129,8 @@ fn test() -> Result<()> {
             .env("OBSERVER_IMAGE", &image),
     )?;
     vm_test(true)?;
+    // A short run for CI: the committed corpus replayed, and a little exploring.
+    fuzz::run(std::time::Duration::from_secs(10))?;
     // The long benchmark is not for CI; its harness is, at toy sizes.
     bench::run(bench::Options { smoke: true, only: None })?;
     eprintln!("xtask: all tests passed");
@@ -143,6 +150,17 @@ fn vm_test(host_tests_passed: bool) -> Result<()> {
         serde_json::from_slice(&check.stdout).context("observer check printed no JSON")?;
     let results = vm::run(&binary)?;
     vm::write_support_table(&host_check, host_tests_passed, &results)
+}
+
+fn fuzz_seconds(args: &[String]) -> Result<std::time::Duration> {
+    let seconds = match args {
+        [] => 300,
+        [flag, n] if flag == "--seconds" => {
+            n.parse().with_context(|| format!("--seconds takes a whole number, not '{n}'"))?
+        }
+        _ => bail!("usage: cargo xtask fuzz [--seconds N]"),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 fn nix_is_root() -> bool {

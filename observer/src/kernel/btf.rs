@@ -175,18 +175,25 @@ impl Btf {
         let mut type_id = self
             .find(KIND_STRUCT, struct_name)
             .ok_or_else(|| BtfError::NoStruct(struct_name.to_owned()))?;
-        let mut bits = 0;
+        let mut bits: u32 = 0;
         for member in path {
             let (offset, member_type) = self
-                .find_member(type_id, member.as_bytes())
+                .find_member(type_id, member.as_bytes(), 0)
                 .ok_or_else(|| BtfError::NoMember(struct_name.to_owned(), path.join(".")))?;
-            bits += offset;
+            bits = bits.wrapping_add(offset);
             type_id = member_type;
         }
         Ok(bits / 8)
     }
 
-    fn find_member(&self, type_id: u32, wanted: &[u8]) -> Option<(u32, u32)> {
+    /// Anonymous structs and unions nest a few levels deep in real kernels; malformed BTF can
+    /// nest them in a cycle. Deeper than this is not searched.
+    const MAX_DEPTH: usize = 16;
+
+    fn find_member(&self, type_id: u32, wanted: &[u8], depth: usize) -> Option<(u32, u32)> {
+        if depth > Self::MAX_DEPTH {
+            return None;
+        }
         let container = self.resolve(type_id)?;
         for member in self.members_of(container) {
             let name = self.name(member.name);
@@ -194,17 +201,17 @@ impl Btf {
                 return Some((member.bit_offset, member.type_id));
             }
             if name.is_empty()
-                && let Some((inner, found)) = self.find_member(member.type_id, wanted)
+                && let Some((inner, found)) = self.find_member(member.type_id, wanted, depth + 1)
             {
-                return Some((member.bit_offset + inner, found));
+                return Some((member.bit_offset.wrapping_add(inner), found));
             }
         }
         None
     }
 
-    /// The struct or union behind typedefs and qualifiers.
+    /// The struct or union behind typedefs and qualifiers (a few hops; a cycle is not followed).
     fn resolve(&self, mut type_id: u32) -> Option<&Type> {
-        loop {
+        for _ in 0..Self::MAX_DEPTH {
             let t = self.types.get(type_id as usize)?;
             match u32::from(t.kind) {
                 KIND_STRUCT | KIND_UNION => return Some(t),
@@ -214,6 +221,7 @@ impl Btf {
                 _ => return None,
             }
         }
+        None
     }
 }
 

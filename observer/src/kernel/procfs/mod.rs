@@ -8,6 +8,8 @@ use super::privileges::{Cap, Caps, names};
 
 #[cfg(test)]
 pub use self::threads::BlockedCall;
+#[cfg(fuzzing)]
+pub use self::threads::parse_syscall_line;
 pub use self::{
     fds::{FdCache, scan_fds},
     processes::{ProcessEntry, ProcessTable},
