@@ -76,6 +76,27 @@ pub enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::AlreadyGone,
+        Outcome::NotPermitted,
+        Outcome::Unsupported,
+        Outcome::Failed,
+    ];
+
+    /// The name in the `action` event's `result` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::AlreadyGone => "already_gone",
+            Outcome::NotPermitted => "not_permitted",
+            Outcome::Unsupported => "unsupported",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActResult {
     pub outcome: Outcome,
