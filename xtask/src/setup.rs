@@ -17,15 +17,45 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Host tools the integration tests drive: iproute2 (`ip netns`) and nftables (`nft`, to make a
-/// peer vanish). Installed from the distribution if missing.
+/// Host tools the integration tests drive: iproute2 (`ip netns`), nftables (`nft`, to make a
+/// peer vanish), and Prometheus's server and promtool (the metrics tests). Installed from the
+/// distribution if missing.
 pub fn test_tools() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
-        .into_iter()
-        .filter(|(tool, _)| output(Command::new(tool).arg("-V")).is_none())
-        .map(|(_, package)| package)
-        .collect();
-    if missing.is_empty() { Ok(()) } else { apt_install(&missing) }
+    let mut missing: Vec<&str> = [
+        ("ip", "-V", "iproute2"),
+        ("nft", "-V", "nftables"),
+        ("promtool", "--version", "prometheus"),
+        ("prometheus", "--version", "prometheus"),
+    ]
+    .into_iter()
+    .filter(|(tool, flag, _)| output(Command::new(tool).arg(flag)).is_none())
+    .map(|(_, _, package)| package)
+    .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)?;
+    if missing.contains(&"prometheus") {
+        stop_prometheus_service();
+    }
+    Ok(())
+}
+
+/// Debian's prometheus package starts its own server (port 9090) where services run; the tests
+/// run their own on free loopback ports, so the packaged one is only in the way. Stopped both
+/// under systemd and where there is none (CI containers, whose policy-rc.d usually kept it from
+/// starting at all).
+fn stop_prometheus_service() {
+    let systemd = PathBuf::from("/run/systemd/system").is_dir();
+    let stopped = if systemd {
+        Command::new("systemctl").args(["stop", "prometheus"]).status()
+    } else {
+        Command::new("service").args(["prometheus", "stop"]).status()
+    };
+    if !stopped.is_ok_and(|s| s.success()) {
+        eprintln!("xtask: note: could not stop the prometheus service (it may not be running)");
+    }
 }
 
 /// Installs Debian packages, refreshing the package lists once if needed.
