@@ -277,6 +277,13 @@ mod tests {
     }
 
     #[test]
+    fn outcome_names_are_the_contract_values() {
+        for outcome in Outcome::ALL {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.name());
+        }
+    }
+
+    #[test]
     fn destroy_errors_map_to_the_contract() {
         assert_eq!(destroy_error(&err(libc::ESTALE)).outcome, Outcome::AlreadyGone);
         assert_eq!(destroy_error(&err(libc::ENOENT)).outcome, Outcome::AlreadyGone);

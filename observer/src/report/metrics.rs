@@ -157,7 +157,7 @@ impl Metrics {
         );
         r.register(
             "observer_probe_events_lost",
-            "Probe reports (resets) lost because the ring buffer to the agent was full",
+            "Probe reports lost because the ring buffer to the agent was full",
             self.events_lost.clone(),
         );
         r.register(
