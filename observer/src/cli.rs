@@ -235,6 +235,13 @@ pub struct WatchArgs {
           env = "OBSERVER_MAX_SOCKETS",
           value_parser = clap::value_parser!(u32).range(64..=MAX_TRACKED_SOCKETS))]
     pub max_sockets: u32,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics, with /healthz (200 while polls
+    /// succeed, 503 and why when none has in 3 poll intervals) and /readyz (200 once the probes
+    /// are attached and the first poll is done). Off unless given; see README for the metrics.
+    /// Example: --metrics-addr 127.0.0.1:9464 (0.0.0.0:9464 for every interface)
+    #[arg(long, value_name = "ADDR:PORT", env = "OBSERVER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// One optional flag per threshold (see `detect::thresholds`); unset ones leave the policy
@@ -337,6 +344,7 @@ impl WatchArgs {
             syscall_timing: self.syscall_timing,
             probe_stats: self.probe_stats,
             max_sockets: self.max_sockets,
+            metrics_addr: self.metrics_addr,
         }
     }
 }
@@ -395,6 +403,7 @@ mod tests {
             "unset flags leave the policy alone"
         );
         assert_eq!(w.probes, ProbeChoice::Auto);
+        assert_eq!(w.metrics_addr, None, "metrics are off unless asked for");
     }
 
     #[test]
@@ -412,6 +421,8 @@ mod tests {
             "250ms",
             "--retrans-timeout",
             "2s",
+            "--metrics-addr",
+            "[::1]:9464",
         ])
         .unwrap();
         let Command::Watch(w) = cli.command else { panic!("not watch") };
@@ -421,6 +432,7 @@ mod tests {
         let given =
             Overrides { retrans_timeout: Some(Duration::from_secs(2)), ..Overrides::default() };
         assert_eq!(w.thresholds.overrides(), given);
+        assert_eq!(w.options().metrics_addr, Some("[::1]:9464".parse().unwrap()));
     }
 
     #[test]
@@ -447,6 +459,8 @@ mod tests {
             vec!["observer", "kill", "--pid", "1", "--cookie", "5", "--mode", "nuke"],
             vec!["observer", "watch", "--probes", "ebpf"],
             vec!["observer", "watch", "--slow-min-rate", "-3"],
+            vec!["observer", "watch", "--metrics-addr", "9464"],
+            vec!["observer", "watch", "--metrics-addr", "localhost:9464"],
             vec!["observer"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err();

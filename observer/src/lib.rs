@@ -7,7 +7,8 @@
 //! 2. `snapshot`: one poll's joined view of the watched sockets and processes.
 //! 3. `detect`: pure rules from snapshots to findings, with their thresholds and policy.
 //! 4. `alerts`: findings become alerts raised and cleared once, with the threads stuck on them.
-//! 5. `act` and `report`: ending connections, and the JSON-lines events on stdout.
+//! 5. `act` and `report`: ending connections; the JSON-lines events on stdout, and the Prometheus
+//!    metrics and health endpoints (`--metrics-addr`) counted from those events and each poll.
 //! 6. `commands`: `watch`, `check` and `kill`, each a function of plain options.
 //! 7. `cli`: the command line (the only module that knows clap).
 //!

@@ -19,8 +19,8 @@ pub fn run() -> Result<()> {
 
 /// Host tools the integration tests drive, installed if missing: iproute2 (`ip netns`),
 /// nftables (`nft`, to make a peer vanish), util-linux (`unshare`, `nsenter`, `setpriv`),
-/// podman with runc and busybox-static (containers), and PyPI's kubernetes-validate (the
-/// Kubernetes API schemas, offline).
+/// podman with runc and busybox-static (containers), Prometheus's server and promtool (the
+/// metrics tests), and PyPI's kubernetes-validate (the Kubernetes API schemas, offline).
 pub fn test_tools() -> Result<()> {
     let tools = [
         ("ip", "-V", "iproute2"),
@@ -29,15 +29,20 @@ pub fn test_tools() -> Result<()> {
         ("podman", "--version", "podman"),
         ("runc", "--version", "runc"),
         ("busybox", "--help", "busybox-static"),
+        ("promtool", "--version", "prometheus"),
+        ("prometheus", "--version", "prometheus"),
     ];
     let mut missing: Vec<&str> = tools
         .into_iter()
-        .filter(|(tool, arg, _)| output(Command::new(tool).arg(arg)).is_none())
+        .filter(|(tool, flag, _)| output(Command::new(tool).arg(flag)).is_none())
         .map(|(_, _, package)| package)
         .collect();
     missing.dedup();
     if !missing.is_empty() {
         apt_install(&missing)?;
+    }
+    if missing.contains(&"prometheus") {
+        stop_prometheus_service();
     }
     let has_validator = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--version"])
@@ -56,6 +61,22 @@ pub fn test_tools() -> Result<()> {
         .context("cannot install kubernetes-validate with pip")?;
     }
     Ok(())
+}
+
+/// Debian's prometheus package starts its own server (port 9090) where services run; the tests
+/// run their own on free loopback ports, so the packaged one is only in the way. Stopped both
+/// under systemd and where there is none (CI containers, whose policy-rc.d usually kept it from
+/// starting at all).
+fn stop_prometheus_service() {
+    let systemd = PathBuf::from("/run/systemd/system").is_dir();
+    let stopped = if systemd {
+        Command::new("systemctl").args(["stop", "prometheus"]).status()
+    } else {
+        Command::new("service").args(["prometheus", "stop"]).status()
+    };
+    if !stopped.is_ok_and(|s| s.success()) {
+        eprintln!("xtask: note: could not stop the prometheus service (it may not be running)");
+    }
 }
 
 /// Installs Debian packages, refreshing the package lists once if needed.

@@ -76,6 +76,27 @@ pub enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::AlreadyGone,
+        Outcome::NotPermitted,
+        Outcome::Unsupported,
+        Outcome::Failed,
+    ];
+
+    /// The name in the `action` event's `result` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::AlreadyGone => "already_gone",
+            Outcome::NotPermitted => "not_permitted",
+            Outcome::Unsupported => "unsupported",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActResult {
     pub outcome: Outcome,
@@ -256,6 +277,13 @@ mod tests {
 
     fn err(errno: i32) -> io::Error {
         io::Error::from_raw_os_error(errno)
+    }
+
+    #[test]
+    fn outcome_names_are_the_contract_values() {
+        for outcome in Outcome::ALL {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.name());
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     },
     report::{
         ActionEvent, AlertEvent, ClearedEvent, Event, ProbeCost, StartedEvent, StatsEvent,
-        timestamp,
+        metrics::PollSample, timestamp,
     },
     snapshot::{
         Collector, Snapshot,
@@ -263,6 +263,19 @@ impl Monitor {
 
     pub fn poll_stats(&self) -> &PollStats {
         &self.stats
+    }
+
+    /// What a poll that took `duration` leaves for the metrics.
+    pub fn metrics_sample(&self, duration: Duration, ok: bool, events_dropped: u64) -> PollSample {
+        PollSample {
+            duration,
+            ok,
+            sockets: self.stats.sockets,
+            map_entries: self.stats.map_entries,
+            map_capacity: self.probes.socket_capacity(),
+            probe_counters: self.probes.counters(),
+            events_dropped,
+        }
     }
 
     /// The `stats` event, with `events_dropped` as the output counted them.

@@ -1,6 +1,7 @@
 //! `observer watch`: polls on a timer and prints what each poll finds, until a signal or the
 //! last watched process ends it.
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -20,7 +21,13 @@ use crate::{
     act::Mode,
     detect::{Reason, thresholds::Overrides},
     kernel::{probes::ProbeChoice, system},
-    report::{Event, timestamp, writer},
+    report::{
+        Event,
+        health::HealthRecord,
+        http::{self, Endpoints},
+        metrics::Metrics,
+        timestamp, writer,
+    },
     snapshot::targets::Selector,
 };
 
@@ -44,6 +51,8 @@ pub struct Options {
     pub syscall_timing: bool,
     pub probe_stats: bool,
     pub max_sockets: u32,
+    /// Where to serve Prometheus metrics and the health endpoints, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// `--action` and its companions.
@@ -68,9 +77,25 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let (monitor, started) = Monitor::start(&args)?;
+    // Bound before the probes load: a taken port fails at once, and the health endpoints
+    // answer (alive, not ready) while they load.
+    let telemetry = match args.metrics_addr {
+        Some(addr) => Some(Telemetry::serve(addr, args.poll_interval).await?),
+        None => None,
+    };
+    // Loaded off the runtime thread so that the endpoints answer meanwhile.
+    let options = args.clone();
+    let (monitor, started) = tokio::task::spawn_blocking(move || Monitor::start(&options))
+        .await
+        .context("the start-up thread failed")??;
     let (sink, writer) = writer::spawn(std::io::stdout()).context("starting the output thread")?;
-    sink.send(Event::Started(started));
+    let started = Event::Started(started);
+    if let Some(t) = &telemetry {
+        t.metrics.observe(&started);
+        t.update(|h| h.attached = Some(Instant::now()));
+    }
+    sink.send(started);
+    let metrics = telemetry.as_ref().map(|t| t.metrics.clone());
 
     // Polls run on a thread of their own: signals are answered while one is under way, and a
     // stop request cuts short its wait for room in the output queue.
@@ -86,14 +111,31 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
             _ = interrupt.recv() => break "signal",
             _ = terminate.recv() => break "signal",
         }
+        if let Some(t) = &telemetry {
+            t.update(|h| h.poll_started(Instant::now()));
+        }
         let (poll_monitor, poll_sink, stop) = (monitor.clone(), sink.clone(), stopping.clone());
+        let poll_metrics = metrics.clone();
         let mut poll = tokio::task::spawn_blocking(move || {
             let mut monitor = poll_monitor.lock().unwrap_or_else(|e| e.into_inner());
+            let began = Instant::now();
             let result = monitor.poll(&mut |event| {
+                // Counted where every event passes, whether or not stdout takes it.
+                if let Some(metrics) = &poll_metrics {
+                    metrics.observe(&event);
+                }
                 if !stop.load(Ordering::Relaxed) {
                     poll_sink.send(event);
                 }
             });
+            if let Some(metrics) = &poll_metrics {
+                let dropped = poll_sink.dropped();
+                metrics.record_poll(&monitor.metrics_sample(
+                    began.elapsed(),
+                    result.is_ok(),
+                    dropped,
+                ));
+            }
             (result, monitor.finished(), monitor.poll_stats().clone())
         });
         let (result, finished, stats) = tokio::select! {
@@ -101,6 +143,10 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
             _ = interrupt.recv() => { stopping.store(true, Ordering::Relaxed); break "signal" }
             _ = terminate.recv() => { stopping.store(true, Ordering::Relaxed); break "signal" }
         };
+        if let Some(t) = &telemetry {
+            let error = result.as_ref().err().map(|e| format!("{e:#}"));
+            t.update(|h| h.poll_finished(Instant::now(), error));
+        }
         match result {
             Ok(()) => failed_polls = 0,
             Err(err) => {
@@ -139,4 +185,35 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
     // The process exits now: the probes are detached and unloaded with it, and a poll still
     // under way on its thread ends with it.
     Ok(())
+}
+
+/// The `--metrics-addr` side: metrics counted as events pass and polls end, and the record of
+/// start-up and polls that the health endpoints judge.
+struct Telemetry {
+    metrics: Arc<Metrics>,
+    health: Arc<Mutex<HealthRecord>>,
+}
+
+impl Telemetry {
+    async fn serve(addr: SocketAddr, poll_interval: Duration) -> anyhow::Result<Telemetry> {
+        let listener = http::bind(addr).await?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        log::info!("serving /metrics, /healthz and /readyz on http://{bound}");
+        let telemetry = Telemetry {
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Mutex::new(HealthRecord::new(Instant::now()))),
+        };
+        let endpoints = Endpoints {
+            metrics: telemetry.metrics.clone(),
+            health: telemetry.health.clone(),
+            poll_interval,
+        };
+        http::serve(listener, endpoints);
+        Ok(telemetry)
+    }
+
+    /// Updates the health record; the endpoints hold its lock only to copy it.
+    fn update(&self, change: impl FnOnce(&mut HealthRecord)) {
+        change(&mut self.health.lock().unwrap_or_else(|e| e.into_inner()));
+    }
 }

@@ -1,5 +1,9 @@
-//! What the agent tells its users: JSON-lines events on stdout.
+//! What the agent tells its users: JSON-lines events on stdout, and with `--metrics-addr`
+//! Prometheus metrics and health endpoints over HTTP.
 pub mod events;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod writer;
 
 use std::io::{self, Write};
