@@ -128,9 +128,10 @@ impl Direction {
 /// machine pays for what it tracks, not for this bound.
 pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 262_144;
 
-/// What the probes know about one TCP socket, keyed by its socket cookie (the number sock_diag
-/// reports as `idiag_cookie`). Times are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) nanoseconds; 0 means
-/// "not seen since the agent started".
+/// What the probes know about one TCP socket, kept in the socket's own storage (fentry and
+/// tracepoint backends) or by its socket cookie (kprobe backend). Times are
+/// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) nanoseconds; 0 means "not seen since the
+/// agent started". Kept small: the agent holds one per watched socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockActivity {
@@ -138,22 +139,14 @@ pub struct SockActivity {
     pub last_send_ns: u64,
     /// When the application last took data from the socket (a receive returned > 0).
     pub last_recv_ns: u64,
-    /// Application bytes sent / received since the probes first saw the socket.
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// When the kernel last retransmitted a segment of this socket.
-    pub last_retransmit_ns: u64,
     /// When the socket entered `state`.
     pub state_since_ns: u64,
-    /// When the probes first saw the socket.
-    pub first_seen_ns: u64,
-    /// Retransmitted segments since the probes first saw the socket.
-    pub retransmits: u32,
     /// Current TCP state (a [`TcpState`] number); 0 until a state change is seen.
     pub state: u32,
     /// The thread that last sent or received application data.
     pub last_tgid: u32,
     pub last_tid: u32,
+    pub _pad: u32,
 }
 
 /// Words of the probes' watched-process bitmap when the agent does not size it: one bit per
@@ -291,12 +284,12 @@ impl KernelOffsets {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    SendEvents,
-    RecvEvents,
-    RetransmitEvents,
+    /// Sockets given a record (the data paths count nothing else: a counter per send or receive
+    /// cost more than the agent learns from it, which is what changed in the records).
+    SocketsTracked,
     StateEvents,
     DestroyEvents,
-    /// A socket could not be added to the activity map (map full or out of memory).
+    /// Sockets that could not be given a record (a full map, no memory), each counted once.
     TrackFailed,
     /// Resets that lost data, reported to the agent.
     ResetEvents,
@@ -309,11 +302,9 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Counter; Self::COUNT as usize] = [
-        Counter::SendEvents,
-        Counter::RecvEvents,
-        Counter::RetransmitEvents,
+        Counter::SocketsTracked,
         Counter::StateEvents,
         Counter::DestroyEvents,
         Counter::TrackFailed,
@@ -325,9 +316,7 @@ impl Counter {
 
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::SendEvents => "send_events",
-            Counter::RecvEvents => "recv_events",
-            Counter::RetransmitEvents => "retransmit_events",
+            Counter::SocketsTracked => "sockets_tracked",
             Counter::StateEvents => "state_events",
             Counter::DestroyEvents => "destroy_events",
             Counter::TrackFailed => "track_failed",
@@ -355,7 +344,7 @@ mod tests {
 
     #[test]
     fn sock_activity_has_no_implicit_padding() {
-        let fields = 7 * 8 + 4 * 4;
+        let fields = 3 * 8 + 4 * 4;
         assert_eq!(core::mem::size_of::<SockActivity>(), fields);
         assert_eq!(core::mem::align_of::<SockActivity>(), 8);
     }

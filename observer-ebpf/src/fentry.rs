@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use observer_common::Direction;
 
-use crate::{activity, tcp_calls};
+use crate::{activity, store::InSocket, tcp_calls};
 
 /// A thread enters a TCP send or receive; `flags_arg` is where the call has its flags.
 #[inline(always)]
@@ -66,6 +66,6 @@ fn try_exit(ctx: &FExitContext) -> Result<(), i32> {
     let ret: i64 = ctx.ret::<i32>()?.into();
     let call = tcp_calls::exit(ret).ok_or(0)?;
     let sk: *mut c_void = ctx.arg(0);
-    tcp_calls::book(sk, activity::cookie_of(sk), call, ret);
+    tcp_calls::book::<InSocket>(sk, || activity::cookie_of(sk), call);
     Ok(())
 }

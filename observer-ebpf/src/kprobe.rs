@@ -12,6 +12,7 @@ use observer_common::Direction;
 
 use crate::{
     activity::{offset, read_at},
+    store::ByCookie,
     tcp_calls,
 };
 
@@ -39,7 +40,7 @@ fn exit(ctx: &RetProbeContext) {
         // A cookie missing at entry may have been assigned since.
         let cookie = if call.cookie != 0 { call.cookie } else { cookie_field(sk) };
         if cookie != 0 {
-            tcp_calls::book(sk as *mut c_void, cookie, (call, ids), ret.into());
+            tcp_calls::book::<ByCookie>(sk as *mut c_void, || cookie, (call, ids));
         }
     }
 }

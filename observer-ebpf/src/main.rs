@@ -8,8 +8,11 @@
 
 mod activity;
 mod fentry;
+mod filter;
 mod kprobe;
 mod resets;
+mod sleeps;
+mod store;
 mod syscall_timing;
 mod tcp_calls;
 mod tracepoint;

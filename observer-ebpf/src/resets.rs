@@ -5,7 +5,11 @@
 use aya_ebpf::{helpers::bpf_get_current_comm, macros::map, maps::RingBuf};
 use observer_common::{Counter, Direction, ResetEvent, TcpState};
 
-use crate::activity::{self, read_at};
+use crate::{
+    activity::{self, read_at},
+    filter,
+    store::Store,
+};
 
 const AF_INET: u16 = 2;
 
@@ -14,7 +18,7 @@ const AF_INET: u16 = 2;
 static RESETS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[inline(always)]
-pub fn record(sk: *const u8, direction: Direction) -> Result<(), ()> {
+pub fn record<S: Store>(sk: *const u8, direction: Direction) -> Result<(), ()> {
     if sk.is_null() {
         return Err(());
     }
@@ -39,11 +43,15 @@ pub fn record(sk: *const u8, direction: Direction) -> Result<(), ()> {
     activity::count(Counter::ResetEvents);
     let cookie = activity::cookie_of(sk as *mut _);
     // In softirq context the current task is unrelated: prefer the socket's last user.
-    let (tgid, tid, comm) = match activity::lookup(cookie).filter(|a| a.last_tid != 0) {
+    let last_user = S::existing(sk.cast_mut().cast(), || cookie)
+        // SAFETY: a valid record pointer from the store.
+        .map(|a| unsafe { ((*a).last_tgid, (*a).last_tid) })
+        .filter(|&(_, tid)| tid != 0);
+    let (tgid, tid, comm) = match last_user {
         // The agent names the thread from /proc.
-        Some(a) => (a.last_tgid, a.last_tid, [0; 16]),
+        Some((tgid, tid)) => (tgid, tid, [0; 16]),
         None => {
-            let ids = activity::current_ids();
+            let ids = filter::current_ids();
             (ids.tgid, ids.tid, bpf_get_current_comm().unwrap_or([0; 16]))
         }
     };

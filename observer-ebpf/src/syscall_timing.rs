@@ -6,7 +6,10 @@ use aya_ebpf::{
 };
 use observer_common::{BPF_F_NO_PREALLOC, Counter, MAX_SYSCALL_NR, ThreadSyscall, syscall_kind};
 
-use crate::activity::{self, offset, read_at};
+use crate::{
+    activity::{self, offset, read_at},
+    filter,
+};
 
 const EMFILE: i64 = 24;
 const ENFILE: i64 = 23;
@@ -36,7 +39,7 @@ fn kind_of(nr: i64) -> u32 {
 #[inline(always)]
 pub fn enter(regs: *const u8, nr: i64) {
     // Every syscall of the machine starts here: the inline pid check first, then the table.
-    let Some(ids) = activity::watched_current() else {
+    let Some(ids) = filter::watched_current() else {
         return;
     };
     if kind_of(nr) == syscall_kind::NONE {
@@ -50,11 +53,11 @@ pub fn enter(regs: *const u8, nr: i64) {
 /// The current thread leaves a syscall with result `ret`.
 #[inline(always)]
 pub fn exit(ret: i64) {
-    let ids = activity::current_ids();
+    let ids = filter::current_ids();
     // Every syscall of the machine ends here: rule other processes out before any map lookup.
     // (The syscall programs are attached only when processes are named, so is_watched, which
     // is false for everyone outside that set, is the complete check.)
-    if !activity::is_watched(ids.tgid) {
+    if !filter::is_watched(ids.tgid) {
         return;
     }
     let Some(slot) = THREAD_SYSCALLS.get_ptr_mut(ids.tid) else {
@@ -82,11 +85,8 @@ fn count_accept_error(tgid: u32) {
     }
 }
 
-/// The current thread is exiting: forget its calls.
+/// Thread `tid` is exiting: forget its calls.
 #[inline(always)]
-pub fn thread_exit() {
-    let tid = activity::current_ids().tid;
-    if tid != 0 {
-        let _ = THREAD_SYSCALLS.remove(tid);
-    }
+pub fn thread_exit(tid: u32) {
+    let _ = THREAD_SYSCALLS.remove(tid);
 }

@@ -2,9 +2,13 @@
 //! records which socket and since when, the exit probe clears it and books the data moved. A
 //! thread blocked in write() is visible the moment it blocks.
 use aya_ebpf::{macros::map, maps::HashMap};
-use observer_common::{BPF_F_NO_PREALLOC, Counter, Direction, MSG_PEEK, ThreadTcpCall};
+use observer_common::{BPF_F_NO_PREALLOC, Direction, MSG_PEEK, ThreadTcpCall};
 
-use crate::activity::{self, Ids, Known};
+use crate::{
+    activity,
+    filter::{self, Ids},
+    store::{Known, Store, record_data},
+};
 
 /// Thread id -> its current (or last) TCP send/receive. Updated in place; removed at thread exit.
 #[map]
@@ -14,7 +18,7 @@ static THREAD_TCP_CALLS: HashMap<u32, ThreadTcpCall> =
 /// A thread enters tcp_sendmsg/tcp_recvmsg on socket `sk` (known by `cookie`; 0 if unknown yet).
 #[inline(always)]
 pub fn enter(sk: *const u8, cookie: u64, direction: Direction, flags: u32) {
-    let Some(ids) = activity::watched_current() else {
+    let Some(ids) = filter::watched_current() else {
         return;
     };
     let call = ThreadTcpCall {
@@ -33,7 +37,7 @@ pub fn enter(sk: *const u8, cookie: u64, direction: Direction, flags: u32) {
 /// thread, when it moved data (ret > 0, not a peek), for the caller to book.
 #[inline(always)]
 pub fn exit(ret: i64) -> Option<(ThreadTcpCall, Ids)> {
-    let ids = activity::current_ids();
+    let ids = filter::current_ids();
     let slot = THREAD_TCP_CALLS.get_ptr_mut(ids.tid)?;
     let call = unsafe {
         if (*slot).enter_ns == 0 {
@@ -45,29 +49,21 @@ pub fn exit(ret: i64) -> Option<(ThreadTcpCall, Ids)> {
     (ret > 0 && call.peek == 0).then_some((call, ids))
 }
 
-/// Books `bytes` moved on the socket of `call`.
+/// Books data moved on the socket of `call`, in the record `S` keeps.
 #[inline(always)]
-pub fn book(
+pub fn book<S: Store>(
     sk: *mut core::ffi::c_void,
-    cookie: u64,
+    cookie: impl FnOnce() -> u64,
     (call, ids): (ThreadTcpCall, Ids),
-    bytes: i64,
 ) {
     let direction = Direction::from_raw(call.direction);
-    activity::count(match direction {
-        Direction::Send => Counter::SendEvents,
-        Direction::Recv => Counter::RecvEvents,
-    });
-    if let Some(entry) = activity::entry(sk, cookie, Known::Tcp) {
-        activity::record_data(entry, direction, bytes as u64, ids);
+    if let Some(entry) = S::entry(sk, cookie, Known::Tcp) {
+        record_data(entry, direction, ids);
     }
 }
 
-/// The current thread is exiting: forget its calls.
+/// Thread `tid` is exiting: forget its calls.
 #[inline(always)]
-pub fn thread_exit() {
-    let tid = activity::current_ids().tid;
-    if tid != 0 {
-        let _ = THREAD_TCP_CALLS.remove(tid);
-    }
+pub fn thread_exit(tid: u32) {
+    let _ = THREAD_TCP_CALLS.remove(tid);
 }

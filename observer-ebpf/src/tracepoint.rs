@@ -1,14 +1,19 @@
 //! The `tracepoint` backend: BTF tracepoints, which need no kprobes or function tracing. The socket
 //! tracepoints sock_send_length / sock_recv_length (Linux 6.3+) run in the thread that sent or
-//! received, which is what lets the agent name the thread.
+//! received, which is what lets the agent name the thread; the scheduler's context switches
+//! tell how long a watched thread has been waiting.
+//!
+//! The tracepoints every backend shares come in two flavours, one per store: `_sk` (socket
+//! storage: fentry and tracepoint backends) and `_hashed` (by cookie: the kprobe backend).
 use core::ffi::c_void;
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use observer_common::{Counter, Direction, MSG_PEEK, TcpState};
 
 use crate::{
-    activity::{self, Known},
-    resets, syscall_timing, tcp_calls,
+    activity, filter, resets, sleeps,
+    store::{ByCookie, InSocket, Known, Store, record_data, record_state},
+    syscall_timing, tcp_calls,
 };
 
 // sock_send_length(struct sock *sk, int ret, int flags)
@@ -32,83 +37,97 @@ fn try_data(ctx: &BtfTracePointContext, direction: Direction) -> Result<(), ()> 
     if ret <= 0 || (direction == Direction::Recv && flags as u32 & MSG_PEEK != 0) {
         return Ok(());
     }
-    let Some(ids) = activity::watched_current() else {
+    let Some(ids) = filter::watched_current() else {
         return Ok(());
     };
-    activity::count(match direction {
-        Direction::Send => Counter::SendEvents,
-        Direction::Recv => Counter::RecvEvents,
-    });
     let sk: *mut c_void = ctx.arg(0);
-    let entry = activity::entry(sk, activity::cookie_of(sk), Known::Unchecked).ok_or(())?;
-    activity::record_data(entry, direction, ret as u64, ids);
-    Ok(())
-}
-
-// tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb[, int err])
-#[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn observer_tp_retransmit(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_retransmit(&ctx);
-    0
-}
-
-fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    activity::count(Counter::RetransmitEvents);
-    let sk: *mut c_void = ctx.arg(0);
-    let entry = activity::entry(sk, activity::cookie_of(sk), Known::Tcp).ok_or(())?;
-    activity::record_retransmit(entry);
+    let entry = InSocket::entry(sk, || activity::cookie_of(sk), Known::Unchecked).ok_or(())?;
+    record_data(entry, direction, ids);
     Ok(())
 }
 
 // inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn observer_tp_state(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_state(&ctx);
+pub fn observer_tp_state_sk(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_state::<InSocket>(&ctx);
     0
 }
 
-fn try_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn observer_tp_state_hashed(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_state::<ByCookie>(&ctx);
+    0
+}
+
+fn try_state<S: Store>(ctx: &BtfTracePointContext) -> Result<(), ()> {
     activity::count(Counter::StateEvents);
     let sk: *mut c_void = ctx.arg(0);
     let new_state: i32 = ctx.arg(2);
     let new_state = new_state as u32;
-    let cookie = activity::cookie_of(sk);
+    let cookie = || activity::cookie_of(sk);
     // A socket going to CLOSE is about to be destroyed (or already reset): update it, but do not
     // start tracking it now. When specific processes are watched, state changes (often in
     // softirq, with no owner in sight) only update sockets those processes already used, so the
-    // map holds their sockets only. Otherwise every transition is tracked, so CLOSE_WAIT and
-    // the like have an exact entry time. SCTP and MPTCP use this tracepoint too: TCP is checked.
-    let entry = if new_state == TcpState::Close as u32 || activity::filtering_pids() {
-        activity::existing(cookie)
+    // records are their sockets'. Otherwise every transition is tracked, so CLOSE_WAIT and the
+    // like have an exact entry time. SCTP and MPTCP use this tracepoint too: TCP is checked.
+    let entry = if new_state == TcpState::Close as u32 || filter::filtering_pids() {
+        S::existing(sk, cookie)
     } else {
-        activity::entry(sk, cookie, Known::Unchecked)
+        S::entry(sk, cookie, Known::Unchecked)
     };
-    activity::record_state(entry.ok_or(())?, new_state);
+    record_state(entry.ok_or(())?, new_state);
     Ok(())
 }
 
-// tcp_destroy_sock(struct sock *sk)
+// tcp_destroy_sock(struct sock *sk): socket storage goes with the socket by itself; a record
+// by cookie has to be forgotten.
 #[btf_tracepoint(function = "tcp_destroy_sock")]
-pub fn observer_tp_destroy(ctx: BtfTracePointContext) -> i32 {
+pub fn observer_tp_destroy_hashed(ctx: BtfTracePointContext) -> i32 {
     activity::count(Counter::DestroyEvents);
     let sk: *mut c_void = ctx.arg(0);
-    activity::forget(activity::cookie_of(sk));
+    ByCookie::forget(activity::cookie_of(sk));
     0
 }
 
 // tcp_send_reset(const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
 #[btf_tracepoint(function = "tcp_send_reset")]
-pub fn observer_tp_reset_sent(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const u8 = ctx.arg(0);
-    let _ = resets::record(sk, Direction::Send);
+pub fn observer_tp_reset_sent_sk(ctx: BtfTracePointContext) -> i32 {
+    let _ = resets::record::<InSocket>(ctx.arg(0), Direction::Send);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn observer_tp_reset_sent_hashed(ctx: BtfTracePointContext) -> i32 {
+    let _ = resets::record::<ByCookie>(ctx.arg(0), Direction::Send);
     0
 }
 
 // tcp_receive_reset(struct sock *sk)
 #[btf_tracepoint(function = "tcp_receive_reset")]
-pub fn observer_tp_reset_received(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const u8 = ctx.arg(0);
-    let _ = resets::record(sk, Direction::Recv);
+pub fn observer_tp_reset_received_sk(ctx: BtfTracePointContext) -> i32 {
+    let _ = resets::record::<InSocket>(ctx.arg(0), Direction::Recv);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn observer_tp_reset_received_hashed(ctx: BtfTracePointContext) -> i32 {
+    let _ = resets::record::<ByCookie>(ctx.arg(0), Direction::Recv);
+    0
+}
+
+// sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...): runs as
+// prev. Attached when specific processes are watched.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn observer_tp_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let preempt: u8 = ctx.arg(0);
+    sleeps::switched_out(preempt != 0);
+    0
+}
+
+// Does nothing: attached only with --probe-stats, so that the cost any program pays on this
+// machine (the tracepoint's dispatch, the statistics' own clock reads) shows beside ours.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn observer_tp_floor(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
@@ -132,7 +151,11 @@ pub fn observer_tp_sys_exit(ctx: BtfTracePointContext) -> i32 {
 // sched_process_exit(struct task_struct *p[, bool group_dead]): runs as the exiting thread.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn observer_tp_thread_exit(_ctx: BtfTracePointContext) -> i32 {
-    syscall_timing::thread_exit();
-    tcp_calls::thread_exit();
+    let tid = filter::current_ids().tid;
+    if tid != 0 {
+        syscall_timing::thread_exit(tid);
+        tcp_calls::thread_exit(tid);
+        sleeps::thread_exit(tid);
+    }
     0
 }

@@ -223,14 +223,23 @@ pub struct WatchArgs {
     #[arg(long, requires = "selector", env = "OBSERVER_SYSCALL_TIMING")]
     pub syscall_timing: bool,
 
+    /// Do not follow the watched threads' context switches. On the tracepoint backend that is
+    /// how `blocked_ms` is timed without syscall hooks (from the thread's last sleep); it
+    /// costs each context switch of the machine a check, and each of a watched thread a clock
+    /// read and a map update (see docs/benchmarks.md). Without it, and without
+    /// --syscall-timing, tracepoint alerts name blocked threads but not for how long.
+    #[arg(long, env = "OBSERVER_NO_SLEEP_TIMING")]
+    pub no_sleep_timing: bool,
+
     /// Measure each probe's kernel run time (enables kernel BPF statistics while running,
     /// which adds a few ns per event) and report it per program in `stats` as `probe_cost`.
     #[arg(long, env = "OBSERVER_PROBE_STATS")]
     pub probe_stats: bool,
 
-    /// Capacity of the in-kernel socket table, 64 to 134217728 (the most a BPF hash map
-    /// takes). Sockets beyond it are not tracked by the probes (their alerts then rely on the
-    /// kernel's own counters) and are counted as `track_failed` in `stats`.
+    /// Capacity of the kprobe backend's socket table, 64 to 134217728 (the most a BPF hash
+    /// map takes). Sockets beyond it are not tracked by the probes (their alerts then rely on
+    /// the kernel's own counters) and are counted as `track_failed` in `stats`. The fentry and
+    /// tracepoint backends keep activity on the socket itself and have no such limit.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED_SOCKETS,
           env = "OBSERVER_MAX_SOCKETS",
           value_parser = clap::value_parser!(u32).range(64..=MAX_TRACKED_SOCKETS))]
@@ -342,6 +351,7 @@ impl WatchArgs {
                 dry_run: self.dry_run,
             }),
             syscall_timing: self.syscall_timing,
+            sleep_timing: !self.no_sleep_timing,
             probe_stats: self.probe_stats,
             max_sockets: self.max_sockets,
             metrics_addr: self.metrics_addr,

@@ -187,8 +187,24 @@ fn peer_that_stops_reading_blocks_the_server_in_write() {
 }
 
 #[test]
+fn blocked_writer_watched_by_pid_is_timed_on_every_backend() {
+    // Default flags: no syscall hooks. fentry and kprobe time the call itself; the tracepoint
+    // backend times the thread's sleep, and says so.
+    let mut server = Server::start(&["--mode", "stream"]);
+    let mut agent = observer_tests::start_agent(&[server.pid], &["--blocked-timeout", "1s"]);
+    let backend =
+        agent.wait_for("started", DEADLINE, |v| v["event"] == "started")["backend"].clone();
+    let (stuck, accepted) = server.connect();
+    let alert = alert(&mut agent, "blocked_send", &remote_of(&stuck));
+    let worker = thread_in(&alert, &accepted["tid"]);
+    assert!(as_u64(&worker["blocked_ms"]) >= 1000, "{backend}: {alert}");
+    let from = if backend == "tracepoint" { "sleep" } else { "call" };
+    assert_eq!(worker["blocked_ms_from"], from, "{backend}: {alert}");
+}
+
+#[test]
 fn blocked_writer_is_timed_by_the_probes_the_backend_has() {
-    // Watched by port, not pid: no syscall probes. fentry and kprobe time the thread inside
+    // Watched by port, not pid: no thread to follow. fentry and kprobe time the thread inside
     // tcp_sendmsg themselves; the tracepoint backend cannot, and must not guess.
     let mut server = Server::start(&["--mode", "stream"]);
     let port = server.addr.port().to_string();

@@ -557,7 +557,7 @@ fn churn(figures: &mut Vec<Figure>, opts: Options) -> Result<()> {
         .sum();
     // Each churned connection's server side received its byte, so the probes must have
     // tracked it (and the map drained again): otherwise "no growth" proves nothing.
-    let tracked = counter(&settled, "recv_events") - counter(&before, "recv_events");
+    let tracked = counter(&settled, "sockets_tracked") - counter(&before, "sockets_tracked");
     let alerts: Vec<&Value> = watching.out.seen.iter().filter(|v| v["event"] == "alert").collect();
     let false_alerts =
         alerts.iter().filter(|a| !idle_remotes.iter().any(|r| a["remote"] == r.as_str())).count();

@@ -22,9 +22,14 @@ pub struct ThreadInfo {
     /// The call the thread is blocked in on this socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_in: Option<&'static str>,
-    /// How long it has been inside that call, as timed by the probes (needs --pid).
+    /// How long it has been inside that call, as timed by the probes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_ms: Option<u64>,
+    /// How `blocked_ms` was measured: `call` from the call's entry (exact), `sleep` since the
+    /// thread last went to sleep (exact when the call blocked once; if something woke it within
+    /// the call, the call has lasted at least that long).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_ms_from: Option<&'static str>,
     /// For a thread that is not blocked on the socket: how long ago it last moved data on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_io_ms: Option<u64>,
@@ -36,6 +41,8 @@ pub struct Probed<'a> {
     pub syscalls: &'a HashMap<u32, ThreadSyscall>,
     /// Per-thread TCP sends and receives in progress (fentry/kprobe backends): which socket.
     pub tcp_calls: &'a HashMap<u32, ThreadTcpCall>,
+    /// When each thread last went to sleep (tracepoint backend, named processes).
+    pub sleeps: &'a HashMap<u32, u64>,
     /// The socket's own record: who last moved data on it.
     pub activity: Option<&'a Activity>,
 }
@@ -66,13 +73,21 @@ pub fn attribute(
                     Direction::Send => "tcp_sendmsg",
                     Direction::Recv => "tcp_recvmsg",
                 }))?;
-            let blocked_ms =
-                syscall.map(|c| since(c.enter_ns)).or(kernel.map(|c| since(c.enter_ns)));
+            let timed = syscall.map(|c| c.enter_ns).or(kernel.map(|c| c.enter_ns));
+            // Only for a thread /proc shows waiting on this very fd: then its last sleep is
+            // this wait (or, if it was woken meanwhile, the latest part of it).
+            let slept = seen.and(probed.sleeps.get(&t.tid).copied()).filter(|&at| at != 0);
+            let (blocked_ms, blocked_ms_from) = match (timed, slept) {
+                (Some(entered), _) => (Some(since(entered)), Some("call")),
+                (None, Some(slept)) => (Some(since(slept)), Some("sleep")),
+                (None, None) => (None, None),
+            };
             Some(ThreadInfo {
                 tid: t.tid,
                 name: t.name.clone(),
                 blocked_in: Some(blocked_in),
                 blocked_ms,
+                blocked_ms_from,
                 last_io_ms: None,
             })
         })
@@ -94,6 +109,7 @@ pub fn attribute(
         name,
         blocked_in: None,
         blocked_ms: None,
+        blocked_ms_from: None,
         last_io_ms: Some(since(last_io_ns)),
     }]
 }
@@ -113,7 +129,8 @@ pub fn for_finding(
         let probed = Probed {
             syscalls: &snapshot.thread_syscalls,
             tcp_calls: &snapshot.thread_tcp_calls,
-            activity: socket.activity.as_ref(),
+            sleeps: &snapshot.thread_sleeps,
+            activity: socket.diag.activity.as_ref(),
         };
         return attribute(owner, cookie, threads, &probed, snapshot.taken_ns);
     }
@@ -127,6 +144,7 @@ pub fn for_finding(
             name: r.thread_name.clone(),
             blocked_in: None,
             blocked_ms: None,
+            blocked_ms_from: None,
             last_io_ms: None,
         })
         .into_iter()
@@ -143,7 +161,9 @@ mod tests {
         tcp_calls: &'a HashMap<u32, ThreadTcpCall>,
         activity: Option<&'a Activity>,
     ) -> Probed<'a> {
-        Probed { syscalls, tcp_calls, activity }
+        static NO_SLEEPS: std::sync::LazyLock<HashMap<u32, u64>> =
+            std::sync::LazyLock::new(HashMap::new);
+        Probed { syscalls, tcp_calls, sleeps: &NO_SLEEPS, activity }
     }
 
     fn owner() -> Owner {
@@ -174,6 +194,7 @@ mod tests {
                 name: "worker-1".into(),
                 blocked_in: Some("read"),
                 blocked_ms: None,
+                blocked_ms_from: None,
                 last_io_ms: None
             }]
         );

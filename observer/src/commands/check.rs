@@ -85,7 +85,13 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         let result = match &btf {
             Ok(btf) if missing.is_empty() && !bpf_blocked => {
                 system::raise_memlock_limit();
-                let options = LoadOptions { only: None, max_sockets: 1024, syscall_timing: false };
+                let options = LoadOptions {
+                    only: None,
+                    max_sockets: 1024,
+                    syscall_timing: false,
+                    sleep_timing: false,
+                    floor: false,
+                };
                 Probes::load(candidate, &options, btf)
                     .map(|p| {
                         if !p.notes().is_empty() {

@@ -86,6 +86,8 @@ impl Monitor {
             only: (!everything).then(|| pids.clone()),
             max_sockets: args.max_sockets,
             syscall_timing: args.syscall_timing,
+            sleep_timing: args.sleep_timing,
+            floor: args.probe_stats,
         };
         let (probes, skipped) = Probes::load_best(args.probes, &options, &btf)?;
         // Only loading needs the kernel's type information: several megabytes, freed now.
@@ -122,6 +124,7 @@ impl Monitor {
             poll_interval_ms: args.poll_interval.as_millis() as u64,
             call_timing: probes.times_calls(),
             syscall_timing: probes.tracks_threads(),
+            sleep_timing: probes.times_sleeps(),
             config: args.config.as_ref().map(|p| p.display().to_string()),
             thresholds: detector.policy().base(),
         };
@@ -198,7 +201,7 @@ impl Monitor {
         log::debug!("detect: {:.1}ms", detecting.elapsed().as_secs_f64() * 1e3);
         self.stats.polls += 1;
         self.stats.sockets = snapshot.sockets.len();
-        self.stats.tracked = snapshot.sockets.iter().filter(|s| s.activity.is_some()).count();
+        self.stats.tracked = snapshot.sockets.iter().filter(|s| s.diag.activity.is_some()).count();
         self.stats.map_entries = snapshot.map_entries;
         self.stats.last_poll = elapsed;
         self.stats.max_poll = self.stats.max_poll.max(elapsed);
@@ -245,13 +248,18 @@ impl Monitor {
         let (warned_at_count, warned_at) = self.untracked_warned;
         let due = warned_at.is_none_or(|t| t.elapsed() >= FULL_MAP_WARNING_EVERY);
         if untracked > warned_at_count && due {
-            log::warn!(
-                "the probes' socket map is full ({} entries, --max-sockets {}): {untracked} \
-                 sockets could not be tracked so far, and their alerts rely on the kernel's \
-                 counters alone; raise --max-sockets",
-                self.stats.map_entries,
-                self.probes.socket_capacity()
-            );
+            match self.probes.socket_capacity() {
+                Some(capacity) => log::warn!(
+                    "the probes' socket map is full ({} entries, --max-sockets {capacity}): \
+                     {untracked} sockets could not be tracked so far, and their alerts rely on \
+                     the kernel's counters alone; raise --max-sockets",
+                    self.stats.map_entries,
+                ),
+                None => log::warn!(
+                    "the kernel had no memory for {untracked} sockets' records so far: their \
+                     alerts rely on the kernel's counters alone"
+                ),
+            }
             self.untracked_warned = (untracked, Some(Instant::now()));
         }
     }

@@ -49,6 +49,8 @@ pub struct Options {
     pub stats_interval: Duration,
     pub action: Option<ActionOptions>,
     pub syscall_timing: bool,
+    /// Follow watched threads' context switches (tracepoint backend).
+    pub sleep_timing: bool,
     pub probe_stats: bool,
     pub max_sockets: u32,
     /// Where to serve Prometheus metrics and the health endpoints, if anywhere.

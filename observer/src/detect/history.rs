@@ -61,6 +61,7 @@ impl SocketHistory {
     pub fn new(socket: &SocketView, now_ns: u64, generation: u32) -> Self {
         let tcp = socket.diag.tcp.unwrap_or_default();
         let probe_since = socket
+            .diag
             .activity
             .filter(|a| a.state == socket.diag.state as u32 && a.state_since_ns != 0)
             .map(|a| ms_clock(a.state_since_ns));
@@ -99,6 +100,7 @@ impl SocketHistory {
         if socket.diag.state != self.state {
             self.state = socket.diag.state;
             self.state_since_ms = socket
+                .diag
                 .activity
                 .filter(|a| a.state == socket.diag.state as u32 && a.state_since_ns != 0)
                 .map_or(now_ms, |a| ms_clock(a.state_since_ns));
@@ -244,7 +246,7 @@ mod tests {
         let mut s = socket(1, TcpState::Established, 0, 0);
         let mut h = SocketHistory::new(&s, NOW_NS, 1);
         s.diag.state = TcpState::CloseWait;
-        s.activity = Some(crate::kernel::probes::Activity {
+        s.diag.activity = Some(crate::kernel::probes::Activity {
             state: TcpState::CloseWait as u32,
             state_since_ns: NOW_NS - 3 * S,
             ..Default::default()

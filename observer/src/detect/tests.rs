@@ -74,7 +74,7 @@ fn only_established_sockets_with_nothing_to_send_are_idle() {
 #[test]
 fn recent_application_read_seen_by_probes_keeps_socket_active() {
     let mut s = socket(1, TcpState::Established, 120_000, 120_000);
-    s.activity =
+    s.diag.activity =
         Some(crate::kernel::probes::Activity { last_recv_ns: NOW_NS - S, ..Default::default() });
     assert!(detector().observe(&snapshot(vec![s])).is_empty());
 }

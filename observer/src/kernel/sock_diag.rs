@@ -4,10 +4,10 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
-use observer_common::{TcpState, TcpStates};
+use observer_common::{SockActivity, TcpState, TcpStates};
 use thiserror::Error;
 
 use super::tcp_info::TcpInfo;
@@ -24,8 +24,16 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
 const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_SKMEMINFO: u16 = 7;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+/// An attribute's type without its flags (nested, network byte order).
+const NLA_TYPE_MASK: u16 = 0x3fff;
 /// Index of sk_drops in the SK_MEMINFO array.
 const SK_MEMINFO_DROPS: usize = 8;
 
@@ -126,6 +134,20 @@ pub struct DiagSocket {
     /// queue was full.
     pub drops: Option<u32>,
     pub tcp: Option<TcpInfo>,
+    /// What the probes recorded in the socket's own storage, when the dump asked for it.
+    pub activity: Option<SockActivity>,
+}
+
+/// What a dump asks the kernel for.
+#[derive(Clone, Copy)]
+pub struct Dump<'a> {
+    pub states: TcpStates,
+    /// Optional attributes: each costs kernel time per socket.
+    pub extensions: Extensions,
+    /// Only the sockets it keeps (the kernel skips filling in the others).
+    pub filter: Option<&'a PortFilter>,
+    /// A BPF socket storage map whose value each socket should carry (`DiagSocket::activity`).
+    pub storage: Option<BorrowedFd<'a>>,
 }
 
 /// Socket identity as sock_diag requests carry it (inet_diag_sockid).
@@ -160,38 +182,36 @@ impl DiagSocketHandle {
     /// All TCP sockets of both address families whose state is in `states`, with tcp_info and
     /// memory counters.
     pub fn dump_tcp(&mut self, states: TcpStates) -> Result<Vec<DiagSocket>, DiagError> {
-        self.dump_tcp_with(states, Extensions::ALL, None)
-    }
-
-    /// Like [`Self::dump_tcp`], asking only for `extensions` (each costs kernel time per
-    /// socket) and, with `filter`, only for the sockets it accepts (the kernel skips filling
-    /// the others).
-    pub fn dump_tcp_with(
-        &mut self,
-        states: TcpStates,
-        extensions: Extensions,
-        filter: Option<&PortFilter>,
-    ) -> Result<Vec<DiagSocket>, DiagError> {
         let mut sockets = Vec::new();
-        self.dump_each(states, extensions, filter, |s| sockets.push(s))?;
+        let dump = Dump { states, extensions: Extensions::ALL, filter: None, storage: None };
+        self.dump_each(&dump, |s| sockets.push(s))?;
         Ok(sockets)
     }
 
-    /// Like [`Self::dump_tcp_with`], handing each socket to `each` as it is parsed (so the caller
-    /// can build its own records without a second copy of the table in memory).
+    /// The sockets `dump` asks for, each handed to `each` as it is parsed (so the caller can
+    /// build its own records without a second copy of the table in memory).
     pub fn dump_each(
         &mut self,
-        states: TcpStates,
-        extensions: Extensions,
-        filter: Option<&PortFilter>,
+        dump: &Dump<'_>,
         mut each: impl FnMut(DiagSocket),
     ) -> Result<(), DiagError> {
+        let Dump { states, extensions, filter, storage } = *dump;
         let bytecode = filter.map(|f| f.bytecode());
         let with_filter = |mut request: Vec<u8>| {
             if let Some(code) = &bytecode {
                 request.extend_from_slice(&((4 + code.len()) as u16).to_ne_bytes());
                 request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
                 request.extend_from_slice(code);
+            }
+            if let Some(map) = storage {
+                // A nest holding the map's fd: the kernel adds that map's value for each socket.
+                request.extend_from_slice(&12u16.to_ne_bytes());
+                request.extend_from_slice(
+                    &(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes(),
+                );
+                request.extend_from_slice(&8u16.to_ne_bytes());
+                request.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+                request.extend_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
             }
             request
         };
@@ -572,6 +592,7 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         inode: u32_at(68)?,
         drops: None,
         tcp: None,
+        activity: None,
     };
     let mut attrs = &payload[DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
@@ -581,14 +602,38 @@ pub fn parse_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
             .get(4..len)
             .filter(|_| len >= 4)
             .ok_or(DiagError::Malformed("attribute length"))?;
-        match kind {
+        match kind & NLA_TYPE_MASK {
             INET_DIAG_INFO => socket.tcp = Some(TcpInfo::parse(value)),
             INET_DIAG_SKMEMINFO => socket.drops = super::ne_u32(value, SK_MEMINFO_DROPS * 4),
+            INET_DIAG_SK_BPF_STORAGES => socket.activity = storage_value(value),
             _ => {}
         }
         attrs = attrs.get(align4(len)..).unwrap_or_default();
     }
     Ok(socket)
+}
+
+/// The attributes nested in `nest`: (type without flags, value), as far as they are well formed.
+fn nested(nest: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = nest;
+    std::iter::from_fn(move || {
+        let (len, kind) = (usize::from(super::ne_u16(rest, 0)?), super::ne_u16(rest, 2)?);
+        let value = rest.get(4..len).filter(|_| len >= 4)?;
+        rest = rest.get(align4(len)..).unwrap_or_default();
+        Some((kind & NLA_TYPE_MASK, value))
+    })
+}
+
+/// The one storage map's value a dump asked for: SK_DIAG_BPF_STORAGE { MAP_ID, MAP_VALUE }.
+fn storage_value(storages: &[u8]) -> Option<SockActivity> {
+    let (_, storage) = nested(storages).find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = nested(storage).find(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    if value.len() < size_of::<SockActivity>() {
+        return None;
+    }
+    // SAFETY: at least size_of::<SockActivity>() bytes, read unaligned; any bytes make a valid
+    // SockActivity (plain integers).
+    Some(unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<SockActivity>()) })
 }
 
 #[cfg(test)]

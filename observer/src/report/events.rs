@@ -105,6 +105,9 @@ pub struct StartedEvent {
     /// Whether socket syscalls are timed per thread (--syscall-timing: blocked_ms on any
     /// backend, accept errors).
     pub syscall_timing: bool,
+    /// Blocked threads are timed from their last sleep (tracepoint backend, see
+    /// `--no-sleep-timing`).
+    pub sleep_timing: bool,
     /// The policy file in effect, if any.
     pub config: Option<String>,
     /// Thresholds for connections no policy rule matches, each under its name and unit
@@ -125,7 +128,8 @@ pub struct StatsEvent {
     pub max_poll_ms: f64,
     /// Entries in the probes' socket map, and its capacity (`--max-sockets`).
     pub map_entries: usize,
-    pub map_capacity: u32,
+    /// `null` when the probes keep records in socket storage, which has no capacity.
+    pub map_capacity: Option<u32>,
     /// Per-probe event counts and failures, summed over CPUs since start.
     pub probe_counters: BTreeMap<&'static str, u64>,
     /// With --probe-stats: each program's runs and average kernel time per run.
@@ -234,6 +238,7 @@ mod tests {
             name: "worker".into(),
             blocked_in: Some("read"),
             blocked_ms: Some(61_000),
+            blocked_ms_from: Some("call"),
             last_io_ms: None,
         }];
         let v = emit(&Event::Alert(AlertEvent::new(

@@ -37,6 +37,7 @@ pub struct Metrics {
     map_entries: Gauge,
     map_capacity: Gauge,
     probe_events: Family<[Label; 1], Counter>,
+    sockets_tracked: Counter,
     track_failed: Counter,
     thread_track_failed: Counter,
     events_lost: Counter,
@@ -54,7 +55,8 @@ pub struct PollSample {
     /// Sockets the poll looked at, and the probes' map fill and size.
     pub sockets: usize,
     pub map_entries: usize,
-    pub map_capacity: u32,
+    /// `None` for socket storage, which has no capacity (exported as 0).
+    pub map_capacity: Option<u32>,
     /// The probes' counters by name, totals since start (as `stats` has them).
     pub probe_counters: HashMap<&'static str, u64>,
     /// Events stdout's reader did not take, total since start.
@@ -80,6 +82,7 @@ impl Metrics {
             map_entries: Gauge::default(),
             map_capacity: Gauge::default(),
             probe_events: Family::default(),
+            sockets_tracked: Counter::default(),
             track_failed: Counter::default(),
             thread_track_failed: Counter::default(),
             events_lost: Counter::default(),
@@ -137,13 +140,19 @@ impl Metrics {
         );
         r.register(
             "observer_probe_map_capacity",
-            "Size of the probes' socket map (--max-sockets)",
+            "Size of the probes' socket map (--max-sockets; 0 for socket storage, which has no \
+             capacity)",
             self.map_capacity.clone(),
         );
         r.register(
             "observer_probe_events",
-            "Kernel events the probes recorded, by probe",
+            "Rare kernel events the probes saw, by probe (state changes, destroyed sockets, resets)",
             self.probe_events.clone(),
+        );
+        r.register(
+            "observer_probe_sockets_tracked",
+            "Sockets the probes gave a record to",
+            self.sockets_tracked.clone(),
         );
         r.register(
             "observer_probe_track_failed",
@@ -223,9 +232,10 @@ impl Metrics {
         }
         self.sockets_watched.set(sample.sockets as i64);
         self.map_entries.set(sample.map_entries as i64);
-        self.map_capacity.set(i64::from(sample.map_capacity));
+        self.map_capacity.set(i64::from(sample.map_capacity.unwrap_or(0)));
         for (&name, &total) in &sample.probe_counters {
             let counter = match name {
+                "sockets_tracked" => &self.sockets_tracked,
                 "track_failed" => &self.track_failed,
                 "thread_track_failed" => &self.thread_track_failed,
                 "events_lost" => &self.events_lost,
@@ -287,6 +297,7 @@ mod tests {
             poll_interval_ms: 1000,
             call_timing: false,
             syscall_timing: false,
+            sleep_timing: true,
             config: None,
             thresholds: DEFAULT_THRESHOLDS,
         })
@@ -331,7 +342,7 @@ mod tests {
             ok: true,
             sockets: 7,
             map_entries: 5,
-            map_capacity: 65_536,
+            map_capacity: Some(65_536),
             probe_counters: counters.iter().copied().collect(),
             events_dropped: dropped,
         }
@@ -341,7 +352,7 @@ mod tests {
     fn every_family_has_help_type_and_the_documented_name() {
         let metrics = Metrics::new();
         metrics.observe(&started());
-        metrics.record_poll(&sample(&[("send_events", 1), ("track_failed", 0)], 0));
+        metrics.record_poll(&sample(&[("state_events", 1), ("track_failed", 0)], 0));
         let text = metrics.encode();
         for (name, kind) in [
             ("observer_alerts_active", "gauge"),
@@ -353,6 +364,7 @@ mod tests {
             ("observer_probe_map_entries", "gauge"),
             ("observer_probe_map_capacity", "gauge"),
             ("observer_probe_events_total", "counter"),
+            ("observer_probe_sockets_tracked_total", "counter"),
             ("observer_probe_track_failed_total", "counter"),
             ("observer_probe_thread_track_failed_total", "counter"),
             ("observer_probe_events_lost_total", "counter"),
@@ -424,16 +436,16 @@ mod tests {
     fn polls_set_gauges_advance_counters_and_fill_the_histogram() {
         let metrics = Metrics::new();
         let counters =
-            [("send_events", 10), ("reset_events", 1), ("track_failed", 2), ("accept_errors", 0)];
+            [("state_events", 10), ("reset_events", 1), ("track_failed", 2), ("accept_errors", 0)];
         metrics.record_poll(&sample(&counters, 3));
         let counters =
-            [("send_events", 25), ("reset_events", 1), ("track_failed", 2), ("accept_errors", 4)];
+            [("state_events", 25), ("reset_events", 1), ("track_failed", 2), ("accept_errors", 4)];
         metrics.record_poll(&sample(&counters, 3));
         let failed =
             PollSample { ok: false, duration: Duration::from_secs(2), ..PollSample::default() };
         metrics.record_poll(&failed);
         let text = metrics.encode();
-        assert_eq!(value(&text, r#"observer_probe_events_total{probe="send"}"#), 25.0);
+        assert_eq!(value(&text, r#"observer_probe_events_total{probe="state"}"#), 25.0);
         assert_eq!(value(&text, r#"observer_probe_events_total{probe="reset"}"#), 1.0);
         assert_eq!(value(&text, "observer_probe_track_failed_total"), 2.0);
         assert_eq!(value(&text, "observer_accept_errors_total"), 4.0);

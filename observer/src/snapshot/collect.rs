@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, btree_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::BorrowedFd,
     time::{Duration, Instant},
 };
 
@@ -21,7 +22,7 @@ use crate::{
         netns,
         probes::{self, Probes},
         procfs::{self, FdCache, Owner},
-        sock_diag::{DiagError, DiagSocket, DiagSocketHandle, Extensions, PortFilter},
+        sock_diag::{DiagError, DiagSocket, DiagSocketHandle, Dump, Extensions, PortFilter},
         system,
     },
 };
@@ -163,9 +164,23 @@ impl Collector {
         self.spare = sockets;
     }
 
-    /// The socket table of every watched namespace, as snapshot records still to be joined.
-    fn dump(&mut self) -> anyhow::Result<Vec<SocketView>> {
+    /// The socket table of every watched namespace, as snapshot records still to be joined;
+    /// with `storage`, each socket carries what the probes keep in its storage.
+    fn dump(&mut self, storage: Option<BorrowedFd<'_>>) -> anyhow::Result<Vec<SocketView>> {
         let filter = self.connection_filter();
+        fn connections<'a>(
+            filter: Option<&'a PortFilter>,
+            storage: Option<BorrowedFd<'a>>,
+        ) -> Dump<'a> {
+            Dump { states: TcpStates::CONNECTIONS, extensions: Extensions::INFO, filter, storage }
+        }
+        // Listeners are few; their drop counter (meminfo) tells of accept queue overflows.
+        let listeners = Dump {
+            states: TcpStates::LISTENING,
+            extensions: Extensions::MEMINFO,
+            filter: None,
+            storage: None,
+        };
         let parallel = self.last_count >= PARALLEL_DUMP_FROM;
         // Room for what the last poll saw: growing by doubling would leave up to half unused.
         let room = self.last_count + self.last_count / 32 + 64;
@@ -176,12 +191,9 @@ impl Collector {
         sockets.reserve_exact(room);
         let split = u32::from(self.split_port);
         for (&netns, handle) in &mut self.namespaces {
-            let view = |diag| SocketView { diag, netns, owner: None, activity: None };
-            // Listeners are few; their drop counter (meminfo) tells of accept queue overflows.
+            let view = |diag| SocketView { diag, netns, owner: None };
             handle
-                .dump_each(TcpStates::LISTENING, Extensions::MEMINFO, None, |d| {
-                    sockets.push(view(d))
-                })
+                .dump_each(&listeners, |d| sockets.push(view(d)))
                 .context("reading the TCP socket table")?;
             let helper = if parallel {
                 match self.helpers.entry(netns) {
@@ -210,9 +222,7 @@ impl Collector {
             };
             let Some(helper) = helper else {
                 handle
-                    .dump_each(TcpStates::CONNECTIONS, Extensions::INFO, filter.as_ref(), |d| {
-                        sockets.push(view(d))
-                    })
+                    .dump_each(&connections(filter.as_ref(), storage), |d| sockets.push(view(d)))
                     .context("reading the TCP socket table")?;
                 continue;
             };
@@ -235,32 +245,24 @@ impl Collector {
                 let (batches, arrivals) = std::sync::mpsc::sync_channel::<Vec<DiagSocket>>(64);
                 let theirs = scope.spawn(move || {
                     let mut batch = Vec::with_capacity(HANDOFF_BATCH);
-                    let result = helper.dump_each(
-                        TcpStates::CONNECTIONS,
-                        Extensions::INFO,
-                        high.as_ref(),
-                        |d| {
-                            batch.push(d);
-                            if batch.len() == HANDOFF_BATCH {
-                                let full = std::mem::replace(
-                                    &mut batch,
-                                    Vec::with_capacity(HANDOFF_BATCH),
-                                );
-                                // The receiver lives until this thread is joined.
-                                let _ = batches.send(full);
-                            }
-                        },
-                    );
+                    let result = helper.dump_each(&connections(high.as_ref(), storage), |d| {
+                        batch.push(d);
+                        if batch.len() == HANDOFF_BATCH {
+                            let full =
+                                std::mem::replace(&mut batch, Vec::with_capacity(HANDOFF_BATCH));
+                            // The receiver lives until this thread is joined.
+                            let _ = batches.send(full);
+                        }
+                    });
                     let _ = batches.send(batch);
                     result
                 });
-                let mine =
-                    handle.dump_each(TcpStates::CONNECTIONS, Extensions::INFO, low.as_ref(), |d| {
-                        sockets.push(view(d));
-                        while let Ok(batch) = arrivals.try_recv() {
-                            take(&mut sockets, batch);
-                        }
-                    });
+                let mine = handle.dump_each(&connections(low.as_ref(), storage), |d| {
+                    sockets.push(view(d));
+                    while let Ok(batch) = arrivals.try_recv() {
+                        take(&mut sockets, batch);
+                    }
+                });
                 // The rest, until the helper hangs up.
                 for batch in arrivals.iter() {
                     take(&mut sockets, batch);
@@ -293,7 +295,7 @@ impl Collector {
 
     pub fn collect(&mut self, probes: &mut Probes) -> anyhow::Result<Snapshot> {
         let mut phases = Phases::start();
-        let mut sockets = self.dump()?;
+        let mut sockets = self.dump(probes.activity_in_dump())?;
         // tcp_info's "ms since" fields are relative to the dump; take the probes' clock right after.
         let taken_ns = system::monotonic_ns();
         phases.mark("sock_diag dump");
@@ -372,13 +374,22 @@ impl Collector {
             snapshot.thread_syscalls = probes.thread_syscalls();
         }
         snapshot.thread_tcp_calls = probes.thread_tcp_calls();
+        if probes.times_sleeps() {
+            snapshot.thread_sleeps = probes.thread_sleeps();
+        }
         phases.mark("join");
-        // Streamed into the snapshot's sockets: a table of 100k entries would be built otherwise.
-        snapshot.map_entries = probes
-            .for_each_activity(|cookie, activity| {
-                snapshot.set_activity(cookie, activity);
-            })
-            .context("reading the probes' socket map")?;
+        snapshot.map_entries = if probes.activity_in_dump().is_some() {
+            // Each socket's record came with it in the dump: nothing to read or join.
+            snapshot.sockets.iter().filter(|s| s.diag.activity.is_some()).count()
+        } else {
+            // Streamed into the snapshot's sockets: a table of 100k entries would be built
+            // otherwise.
+            probes
+                .for_each_activity(|cookie, activity| {
+                    snapshot.set_activity(cookie, activity);
+                })
+                .context("reading the probes' socket map")?
+        };
         phases.mark("probe map");
         self.listen_ports = listen_ports;
         phases.log();

@@ -21,7 +21,6 @@ pub struct SocketView {
     /// The network namespace the socket lives in (where it must be acted on).
     pub netns: u64,
     pub owner: Option<Owner>,
-    pub activity: Option<Activity>,
 }
 
 /// A watched process as a whole (for fd exhaustion).
@@ -68,6 +67,8 @@ pub struct Snapshot {
     pub thread_syscalls: HashMap<u32, ThreadSyscall>,
     /// Threads inside a TCP send or receive now (fentry and kprobe backends).
     pub thread_tcp_calls: HashMap<u32, ThreadTcpCall>,
+    /// When each watched thread last went to sleep (tracepoint backend, named processes).
+    pub thread_sleeps: HashMap<u32, u64>,
     /// Entries in the probes' socket map (for the agent's own health report).
     pub map_entries: usize,
     by_cookie: FastMap<u64, usize>,
@@ -88,6 +89,7 @@ impl Snapshot {
             resets,
             thread_syscalls: HashMap::new(),
             thread_tcp_calls: HashMap::new(),
+            thread_sleeps: HashMap::new(),
             map_entries: 0,
             by_cookie,
         }
@@ -98,7 +100,7 @@ impl Snapshot {
     pub fn set_activity(&mut self, cookie: u64, activity: Activity) -> bool {
         match self.by_cookie.get(&cookie) {
             Some(&i) => {
-                self.sockets[i].activity = Some(activity);
+                self.sockets[i].diag.activity = Some(activity);
                 true
             }
             None => false,
@@ -206,14 +208,14 @@ impl SocketView {
     /// application send and what tcp_info says TCP last sent. tcp_info alone covers sockets
     /// that were already open when the agent started.
     pub fn last_send_ms(&self, now_ns: u64) -> Option<u64> {
-        let probe = self.activity.and_then(|a| ms_since(now_ns, a.last_send_ns));
+        let probe = self.diag.activity.and_then(|a| ms_since(now_ns, a.last_send_ns));
         let kernel = self.diag.tcp.map(|t| u64::from(t.last_data_sent_ms));
         min_known(probe, kernel)
     }
 
     /// Milliseconds since data last came in (see [`Self::last_send_ms`]).
     pub fn last_recv_ms(&self, now_ns: u64) -> Option<u64> {
-        let probe = self.activity.and_then(|a| ms_since(now_ns, a.last_recv_ns));
+        let probe = self.diag.activity.and_then(|a| ms_since(now_ns, a.last_recv_ns));
         let kernel = self.diag.tcp.map(|t| u64::from(t.last_data_recv_ms));
         min_known(probe, kernel)
     }
@@ -286,9 +288,9 @@ pub mod fixtures {
                     bytes_received: 20,
                     ..TcpInfo::default()
                 }),
+                activity: None,
             },
             owner: Some(Owner { pid: 42, fd: 3 + cookie as i32, comm: "server".into() }),
-            activity: None,
         }
     }
 }
@@ -308,7 +310,7 @@ mod tests {
     #[test]
     fn the_more_recent_of_probe_and_kernel_time_wins() {
         let mut s = socket(1, TcpState::Established, 5000, 7000);
-        s.activity = Some(Activity {
+        s.diag.activity = Some(Activity {
             last_send_ns: NOW_NS - 9_000_000_000,
             last_recv_ns: NOW_NS - 200_000_000,
             ..Activity::default()
@@ -327,7 +329,7 @@ mod tests {
         let seen = Activity { last_tid: 42, ..Activity::default() };
         assert!(snap.set_activity(2, seen));
         assert!(!snap.set_activity(3, seen), "a socket outside the snapshot is skipped");
-        assert_eq!(snap.find(1).unwrap().activity, None);
-        assert_eq!(snap.find(2).unwrap().activity, Some(seen));
+        assert_eq!(snap.find(1).unwrap().diag.activity, None);
+        assert_eq!(snap.find(2).unwrap().diag.activity, Some(seen));
     }
 }

@@ -4,7 +4,10 @@
 //! and output do not care which one runs: `fentry` (fentry/fexit on the TCP send and receive
 //! functions), `kprobe` (kprobes/kretprobes on the same), `tracepoint` (BTF tracepoints only).
 //! All three share BTF tracepoints for retransmits, state changes, destruction and resets.
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::{AsFd, BorrowedFd},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -12,43 +15,19 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
 };
 use observer_common::{
-    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, SockActivity, ThreadSyscall, ThreadTcpCall,
-    syscall_kind,
+    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, ThreadSyscall, ThreadTcpCall, syscall_kind,
 };
 use thiserror::Error;
 
-pub use self::plan::{Backend, ProbeChoice};
-use self::plan::{Hook, plan};
+pub use self::plan::{Backend, ProbeChoice, Store};
+use self::plan::{Extras, Hook, plan};
 use super::btf::{Btf, BtfError};
 
 mod batch;
 mod plan;
 
-/// What the probes recorded about a socket that detection and attribution use: a compact copy
-/// of the map entry (one per watched socket per poll).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Activity {
-    pub last_send_ns: u64,
-    pub last_recv_ns: u64,
-    pub state_since_ns: u64,
-    /// A `TcpState` number; 0 until the probes saw a state change.
-    pub state: u32,
-    pub last_tgid: u32,
-    pub last_tid: u32,
-}
-
-impl From<&SockActivity> for Activity {
-    fn from(a: &SockActivity) -> Self {
-        Activity {
-            last_send_ns: a.last_send_ns,
-            last_recv_ns: a.last_recv_ns,
-            state_since_ns: a.state_since_ns,
-            state: a.state,
-            last_tgid: a.last_tgid,
-            last_tid: a.last_tid,
-        }
-    }
-}
+/// What the probes recorded about a socket that detection and attribution use.
+pub use observer_common::SockActivity as Activity;
 
 /// The BPF object built from `observer-ebpf` (empty when built without the BPF toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-probes"));
@@ -137,21 +116,30 @@ pub struct LoadOptions {
     /// Time the watched processes' socket syscalls per thread (needs `only`). This hooks every
     /// syscall of the machine, so it is asked for, not default.
     pub syscall_timing: bool,
+    /// Follow the watched threads' context switches to time blocked threads (tracepoint
+    /// backend; needs `only`).
+    pub sleep_timing: bool,
+    /// Also attach an empty program, whose measured cost is the floor of every probe's.
+    pub floor: bool,
 }
 
 /// Loaded and attached programs plus handles on their maps. Dropping it detaches everything.
 pub struct Probes {
     backend: Backend,
     tracks_threads: bool,
+    times_sleeps: bool,
     notes: Vec<String>,
-    /// Socket cookie -> activity; read in batches (see `activity`).
-    sockets: MapData,
+    /// Where the probes keep each socket's record: socket storage (read back in the sock_diag
+    /// walk) or a map by cookie (read in batches).
+    records: Records,
     socket_capacity: u32,
     /// The attached programs, for their run-time statistics.
     program_names: Vec<&'static str>,
     counters: PerCpuArray<MapData, u64>,
     thread_syscalls: HashMap<MapData, u32, ThreadSyscall>,
     thread_tcp_calls: HashMap<MapData, u32, ThreadTcpCall>,
+    /// Thread id -> when it last went to sleep (tracepoint backend, named processes).
+    thread_sleeps: HashMap<MapData, u32, u64>,
     accept_errors: HashMap<MapData, u32, u64>,
     resets: RingBuf<MapData>,
     /// The watched-process bitmap (see `WATCHED` in the probes).
@@ -159,6 +147,12 @@ pub struct Probes {
     watched_words: u32,
     // Keeps the programs loaded and attached.
     _ebpf: Ebpf,
+}
+
+/// Where the records are, and the map that holds them.
+enum Records {
+    InSocket(MapData),
+    ByCookie(MapData),
 }
 
 /// A backend that could not be used, and why.
@@ -214,8 +208,14 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(ProbeError::NoObject);
         }
-        let tracks_threads = options.syscall_timing && options.only.is_some();
-        let (programs, notes) = plan(backend, btf, tracks_threads);
+        let extras = Extras {
+            filtering: options.only.is_some(),
+            syscall_timing: options.syscall_timing,
+            sleep_timing: options.sleep_timing,
+            floor: options.floor,
+        };
+        let tracks_threads = extras.filtering && extras.syscall_timing;
+        let (programs, notes) = plan(backend, btf, extras);
         for (_, hook) in &programs {
             if let Hook::Tracepoint(name) = hook
                 && !btf.has_tracepoint(name)
@@ -264,27 +264,37 @@ impl Probes {
         for &(program, hook) in &programs {
             attach(&mut ebpf, backend, program, hook, aya_btf)?;
         }
-        let sockets = match ebpf.take_map("SOCKETS") {
-            Some(aya::maps::Map::HashMap(data)) => data,
-            _ => {
-                return Err(ProbeError::Object(
-                    aya::EbpfError::MapError(aya::maps::MapError::InvalidName {
-                        name: "SOCKETS".into(),
-                    })
-                    .into(),
-                ));
-            }
-        };
+        let records =
+            match (backend.store(), ebpf.take_map("SK_ACTIVITY"), ebpf.take_map("SOCKETS")) {
+                (Store::InSocket, Some(aya::maps::Map::SkStorage(data)), _) => {
+                    Records::InSocket(data)
+                }
+                (Store::ByCookie, _, Some(aya::maps::Map::HashMap(data))) => {
+                    Records::ByCookie(data)
+                }
+                _ => {
+                    return Err(ProbeError::Object(
+                        aya::EbpfError::MapError(aya::maps::MapError::InvalidName {
+                            name: "SK_ACTIVITY or SOCKETS".into(),
+                        })
+                        .into(),
+                    ));
+                }
+            };
+        let times_sleeps =
+            programs.iter().any(|(_, hook)| *hook == Hook::Tracepoint("sched_switch"));
         let mut probes = Probes {
             backend,
             tracks_threads,
+            times_sleeps,
             notes,
-            sockets,
+            records,
             socket_capacity: options.max_sockets,
             program_names: programs.iter().map(|(name, _)| *name).collect(),
             counters: take_map(&mut ebpf, "COUNTERS")?,
             thread_syscalls: take_map(&mut ebpf, "THREAD_SYSCALLS")?,
             thread_tcp_calls: take_map(&mut ebpf, "THREAD_TCP_CALLS")?,
+            thread_sleeps: take_map(&mut ebpf, "THREAD_SLEEPS")?,
             accept_errors: take_map(&mut ebpf, "ACCEPT_ERRORS")?,
             resets: take_map(&mut ebpf, "RESETS")?,
             watched,
@@ -328,27 +338,42 @@ impl Probes {
         self.backend != Backend::Tracepoint
     }
 
+    /// Whether threads' sleeps are timed (tracepoint backend, named processes): how long a
+    /// thread blocked now has been waiting.
+    pub fn times_sleeps(&self) -> bool {
+        self.times_sleeps
+    }
+
     /// Whether per-thread syscall timing (blocked_ms in read/write, accept errors) is recorded.
     pub fn tracks_threads(&self) -> bool {
         self.tracks_threads
     }
 
-    /// Calls `each` with every tracked socket's cookie and activity, a batch at a time; returns
-    /// how many entries the map holds. A failed read fails the poll: half the activity would
-    /// make tracked sockets look idle.
+    /// The socket storage map to name in sock_diag dumps, which then carry each socket's
+    /// record; `None` when records are kept by cookie instead (see [`Self::for_each_activity`]).
+    pub fn activity_in_dump(&self) -> Option<BorrowedFd<'_>> {
+        match &self.records {
+            Records::InSocket(map) => Some(map.fd().as_fd()),
+            Records::ByCookie(_) => None,
+        }
+    }
+
+    /// Calls `each` with every socket's cookie and record kept by cookie, a batch at a time;
+    /// returns how many entries the map holds (none are kept so with socket storage). A failed
+    /// read fails the poll: half the activity would make tracked sockets look idle.
     pub fn for_each_activity(&self, mut each: impl FnMut(u64, Activity)) -> std::io::Result<usize> {
-        use std::os::fd::AsFd;
+        let Records::ByCookie(map) = &self.records else { return Ok(0) };
         let mut entries = 0;
-        batch::for_each::<u64, SockActivity>(self.sockets.fd().as_fd(), |cookie, a| {
+        batch::for_each::<u64, Activity>(map.fd().as_fd(), |cookie, a| {
             entries += 1;
-            each(cookie, Activity::from(&a));
+            each(cookie, a);
         })?;
         Ok(entries)
     }
 
-    /// The socket activity map's capacity (`--max-sockets`).
-    pub fn socket_capacity(&self) -> u32 {
-        self.socket_capacity
+    /// The socket map's capacity (`--max-sockets`); `None` for socket storage, which has none.
+    pub fn socket_capacity(&self) -> Option<u32> {
+        matches!(self.records, Records::ByCookie(_)).then_some(self.socket_capacity)
     }
 
     /// Kernel time spent in each attached program: (name, runs, total ns). Only counted while
@@ -366,6 +391,11 @@ impl Probes {
     /// Each tracked thread's current or last socket syscall, by thread id.
     pub fn thread_syscalls(&self) -> StdHashMap<u32, ThreadSyscall> {
         self.thread_syscalls.iter().filter_map(Result::ok).collect()
+    }
+
+    /// When each watched thread last went to sleep, by thread id (tracepoint backend).
+    pub fn thread_sleeps(&self) -> StdHashMap<u32, u64> {
+        self.thread_sleeps.iter().filter_map(Result::ok).collect()
     }
 
     /// Threads inside a TCP send or receive (fentry and kprobe backends), by thread id.

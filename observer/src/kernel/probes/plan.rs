@@ -47,7 +47,23 @@ impl ProbeChoice {
     }
 }
 
+/// Where a backend's probes keep each socket's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Socket-local storage, read back in the sock_diag walk.
+    InSocket,
+    /// A hash map by socket cookie, read in batches (kprobes cannot use socket storage).
+    ByCookie,
+}
+
 impl Backend {
+    pub fn store(self) -> Store {
+        match self {
+            Backend::Fentry | Backend::Tracepoint => Store::InSocket,
+            Backend::Kprobe => Store::ByCookie,
+        }
+    }
+
     /// Every backend, best first: the order `auto` tries them in.
     pub const ALL: &'static [Backend] = &[Backend::Fentry, Backend::Kprobe, Backend::Tracepoint];
 
@@ -93,15 +109,30 @@ impl Hook {
     }
 }
 
-/// Tracepoints every backend uses.
-const SHARED: &[(&str, Hook)] = &[
-    ("observer_tp_retransmit", Hook::Tracepoint("tcp_retransmit_skb")),
-    ("observer_tp_state", Hook::Tracepoint("inet_sock_set_state")),
-    ("observer_tp_destroy", Hook::Tracepoint("tcp_destroy_sock")),
-    ("observer_tp_reset_sent", Hook::Tracepoint("tcp_send_reset")),
-    ("observer_tp_reset_received", Hook::Tracepoint("tcp_receive_reset")),
+/// Tracepoints every backend uses, in the flavour for records in socket storage (fentry and
+/// tracepoint backends): such a record goes with its socket, no destroy hook needed.
+const SHARED_IN_SOCKET: &[(&str, Hook)] = &[
+    ("observer_tp_state_sk", Hook::Tracepoint("inet_sock_set_state")),
+    ("observer_tp_reset_sent_sk", Hook::Tracepoint("tcp_send_reset")),
+    ("observer_tp_reset_received_sk", Hook::Tracepoint("tcp_receive_reset")),
     ("observer_tp_thread_exit", Hook::Tracepoint("sched_process_exit")),
 ];
+
+/// The same for records by socket cookie (kprobes cannot use socket storage).
+const SHARED_BY_COOKIE: &[(&str, Hook)] = &[
+    ("observer_tp_state_hashed", Hook::Tracepoint("inet_sock_set_state")),
+    ("observer_tp_destroy_hashed", Hook::Tracepoint("tcp_destroy_sock")),
+    ("observer_tp_reset_sent_hashed", Hook::Tracepoint("tcp_send_reset")),
+    ("observer_tp_reset_received_hashed", Hook::Tracepoint("tcp_receive_reset")),
+    ("observer_tp_thread_exit", Hook::Tracepoint("sched_process_exit")),
+];
+
+/// Times how long watched threads have been waiting (tracepoint backend, specific processes):
+/// the scheduler's context switches, filtered to the watched processes before any map work.
+const SLEEP_TIMING: (&str, Hook) = ("observer_tp_sched_switch", Hook::Tracepoint("sched_switch"));
+
+/// An empty program, for --probe-stats: what any program costs per event on this machine.
+const FLOOR: (&str, Hook) = ("observer_tp_floor", Hook::Tracepoint("sock_send_length"));
 
 /// Programs that time the watched processes' socket syscalls per thread. They run on every
 /// syscall of the machine (and put every syscall on the kernel's tracing path): attached only
@@ -110,6 +141,19 @@ const THREAD_PROGRAMS: &[(&str, Hook)] = &[
     ("observer_tp_sys_enter", Hook::Tracepoint("sys_enter")),
     ("observer_tp_sys_exit", Hook::Tracepoint("sys_exit")),
 ];
+
+/// What the agent asks of the probes beyond the backend's basics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras {
+    /// Specific processes are watched (not every socket).
+    pub filtering: bool,
+    /// Time the watched threads' socket syscalls (--syscall-timing; needs `filtering`).
+    pub syscall_timing: bool,
+    /// Follow the watched threads' context switches (tracepoint backend; needs `filtering`).
+    pub sleep_timing: bool,
+    /// Attach [`FLOOR`] (--probe-stats).
+    pub floor: bool,
+}
 
 /// The programs of a backend that probes the TCP send and receive functions themselves: an
 /// (entry, exit) pair on each.
@@ -149,9 +193,12 @@ const RECVMSG_OLD_ARITY: usize = 6;
 pub fn plan(
     backend: Backend,
     btf: &Btf,
-    track_threads: bool,
+    extras: Extras,
 ) -> (Vec<(&'static str, Hook)>, Vec<String>) {
-    let mut programs: Vec<(&'static str, Hook)> = SHARED.to_vec();
+    let mut programs: Vec<(&'static str, Hook)> = match backend.store() {
+        Store::InSocket => SHARED_IN_SOCKET.to_vec(),
+        Store::ByCookie => SHARED_BY_COOKIE.to_vec(),
+    };
     let mut notes = Vec::new();
     let old_recv = btf.function_arity("tcp_recvmsg") == Some(RECVMSG_OLD_ARITY);
     let has_sendpage = btf.function_arity("tcp_sendpage").is_some();
@@ -185,10 +232,17 @@ pub fn plan(
                         .to_owned(),
                 );
             }
+            // Every context switch of the machine passes here: only for named processes.
+            if extras.filtering && extras.sleep_timing {
+                programs.push(SLEEP_TIMING);
+            }
         }
     }
-    if track_threads {
+    if extras.filtering && extras.syscall_timing {
         programs.extend_from_slice(THREAD_PROGRAMS);
+    }
+    if extras.floor && btf.has_tracepoint(FLOOR.1.target()) {
+        programs.push(FLOOR);
     }
     (programs, notes)
 }
