@@ -116,9 +116,11 @@ pub struct CheckArgs {
     pub config: Option<PathBuf>,
 }
 
+/// What to watch and how: the selectors, thresholds, policy file and probe settings; everything
+/// but what `watch` does about alerts, for each command that runs the engine.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("selector").multiple(true).args(["pids", "comms"])))]
-pub struct WatchArgs {
+pub struct EngineArgs {
     /// Watch the TCP sockets of this process and of every process it forks, now or later
     /// (repeat for several; comma-separated in OBSERVER_PID). Without --pid or --comm, every
     /// TCP socket in observer's network namespace is watched.
@@ -173,6 +175,31 @@ pub struct WatchArgs {
           value_parser = units::duration)]
     pub stats_interval: Duration,
 
+    /// Also time each watched thread's socket syscalls (needs --pid or --comm): gives
+    /// `blocked_ms` on kernels where only the tracepoint backend works, and counts accept()
+    /// failures for lack of fds. It hooks every syscall of the machine: see docs/benchmarks.md
+    /// for what it costs.
+    #[arg(long, requires = "selector", env = "OBSERVER_SYSCALL_TIMING")]
+    pub syscall_timing: bool,
+
+    /// Measure each probe's kernel run time (enables kernel BPF statistics while running,
+    /// which adds a few ns per event) and report it per program in `stats` as `probe_cost`.
+    #[arg(long, env = "OBSERVER_PROBE_STATS")]
+    pub probe_stats: bool,
+
+    /// Capacity of the in-kernel socket table. Sockets beyond it are not tracked by the probes
+    /// (their alerts then rely on the kernel's own counters) and are counted as `track_failed`
+    /// in `stats`.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED_SOCKETS,
+          env = "OBSERVER_MAX_SOCKETS", value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_sockets: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
     /// End connections whose alert stands for one of the --action-on reasons, by this mode
     /// (see `observer kill --help`). Listening sockets are never acted on.
     #[arg(long, value_name = "MODE", requires = "action_on", env = "OBSERVER_ACTION",
@@ -197,25 +224,6 @@ pub struct WatchArgs {
     /// Print the `action` lines --action would produce, change nothing.
     #[arg(long, requires = "action", env = "OBSERVER_DRY_RUN")]
     pub dry_run: bool,
-
-    /// Also time each watched thread's socket syscalls (needs --pid or --comm): gives
-    /// `blocked_ms` on kernels where only the tracepoint backend works, and counts accept()
-    /// failures for lack of fds. It hooks every syscall of the machine: see docs/benchmarks.md
-    /// for what it costs.
-    #[arg(long, requires = "selector", env = "OBSERVER_SYSCALL_TIMING")]
-    pub syscall_timing: bool,
-
-    /// Measure each probe's kernel run time (enables kernel BPF statistics while running,
-    /// which adds a few ns per event) and report it per program in `stats` as `probe_cost`.
-    #[arg(long, env = "OBSERVER_PROBE_STATS")]
-    pub probe_stats: bool,
-
-    /// Capacity of the in-kernel socket table. Sockets beyond it are not tracked by the probes
-    /// (their alerts then rely on the kernel's own counters) and are counted as `track_failed`
-    /// in `stats`.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED_SOCKETS,
-          env = "OBSERVER_MAX_SOCKETS", value_parser = clap::value_parser!(u32).range(1024..))]
-    pub max_sockets: u32,
 }
 
 /// One optional flag per threshold (see `detect::thresholds`); unset ones leave the policy
@@ -293,8 +301,9 @@ fn env_name(flag: &str) -> &'static str {
     Box::leak(format!("OBSERVER_{}", flag.to_uppercase()).into_boxed_str())
 }
 
-impl WatchArgs {
-    pub fn options(&self) -> watch::Options {
+impl EngineArgs {
+    /// The engine's options; `action` is `watch --action`'s part.
+    pub fn options(&self, action: Option<watch::ActionOptions>) -> watch::Options {
         watch::Options {
             selector: Selector {
                 pids: self.pids.clone(),
@@ -307,17 +316,23 @@ impl WatchArgs {
             config: self.config.clone(),
             thresholds: self.thresholds.overrides(),
             stats_interval: self.stats_interval,
-            action: self.action.map(|mode| watch::ActionOptions {
-                mode,
-                reasons: self.action_on.clone(),
-                after: self.action_after,
-                max_per_minute: self.max_actions_per_minute,
-                dry_run: self.dry_run,
-            }),
+            action,
             syscall_timing: self.syscall_timing,
             probe_stats: self.probe_stats,
             max_sockets: self.max_sockets,
         }
+    }
+}
+
+impl WatchArgs {
+    pub fn options(&self) -> watch::Options {
+        self.engine.options(self.action.map(|mode| watch::ActionOptions {
+            mode,
+            reasons: self.action_on.clone(),
+            after: self.action_after,
+            max_per_minute: self.max_actions_per_minute,
+            dry_run: self.dry_run,
+        }))
     }
 }
 
@@ -366,7 +381,7 @@ mod tests {
     #[test]
     fn watch_defaults() {
         let cli = Cli::try_parse_from(["observer", "watch"]).unwrap();
-        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let Command::Watch(WatchArgs { engine: w, .. }) = cli.command else { panic!("not watch") };
         assert!(w.pids.is_empty() && w.ports.is_empty());
         assert_eq!(w.poll_interval, Duration::from_secs(1));
         assert_eq!(
@@ -394,7 +409,7 @@ mod tests {
             "2s",
         ])
         .unwrap();
-        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let Command::Watch(WatchArgs { engine: w, .. }) = cli.command else { panic!("not watch") };
         assert_eq!(w.pids, vec![10, 11]);
         assert_eq!(w.ports, vec![8080]);
         assert_eq!(w.poll_interval, Duration::from_millis(250));

@@ -267,6 +267,45 @@ impl Monitor {
     }
 }
 
+/// Consecutive failed polls after which the agent gives up instead of silently seeing nothing.
+const MAX_FAILED_POLLS: u32 = 10;
+
+/// Failed polls in a row: a few are logged and ridden out, a run of them stops the agent.
+#[derive(Default)]
+pub struct PollFailures {
+    in_a_row: u32,
+}
+
+impl PollFailures {
+    /// Records a poll's result; an error once too many polls in a row have failed.
+    pub fn record(&mut self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        match result {
+            Ok(()) => self.in_a_row = 0,
+            Err(err) => {
+                self.in_a_row += 1;
+                log::warn!("poll failed ({} in a row): {err:#}", self.in_a_row);
+                if self.in_a_row >= MAX_FAILED_POLLS {
+                    return Err(err.context(format!("{MAX_FAILED_POLLS} polls in a row failed")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Memory housekeeping after a poll, whoever runs the polls.
+pub fn after_poll(stats: &PollStats) {
+    // A poll of a big table allocates tens of MB for a moment (and the first one reads every fd
+    // link): give it back rather than carry the peak between polls.
+    if stats.polls == 1 || stats.sockets >= 20_000 {
+        system::release_free_memory();
+    }
+    if stats.polls == 1 {
+        // From here on, the reported peak is that of steady operation, not of start-up.
+        system::reset_peak_memory();
+    }
+}
+
 fn describe(comms: &[String], pids: &[u32], everything: bool) -> String {
     if everything {
         return "every TCP socket".to_owned();
