@@ -11,7 +11,7 @@ use observer_common::DEFAULT_MAX_TRACKED_SOCKETS;
 
 use crate::{
     act::Mode,
-    commands::{check, kill, watch},
+    commands::{check, kill, top, watch},
     detect::{
         Reason,
         thresholds::{Overrides, ThresholdValue, with_thresholds},
@@ -52,6 +52,19 @@ Examples:
 Prints one `action` line: result ok, already_gone, not_permitted, unsupported or failed.
 Exits 0 only when the result is ok.";
 
+const TOP_KEYS: &str = "\
+Keys:
+  Up/Down, PgUp/PgDn, Home/End   select a connection (its alert and numbers show below)
+  i / b / t                      sort by idle time, bytes or state (again: reverse)
+  /                              filter by text (addresses, state, process, thread, reason);
+                                 Enter keeps it, Esc clears it
+  s / d                          shut down / destroy the selected connection, after `y`
+                                 (the same checks as `observer kill`)
+  q, Ctrl-C                      quit
+
+Example:
+  observer top --pid $(pgrep -o nginx) --idle-timeout 30s --log /var/log/observer-top.jsonl";
+
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub struct Cli {
@@ -77,6 +90,13 @@ pub enum Command {
     /// sockets are refused.
     #[command(after_help = KILL_EXAMPLES)]
     Kill(KillArgs),
+    /// A live full-screen view of the watched connections: state, idle time, traffic, the
+    /// thread stuck on each, its alert; end one from the screen.
+    ///
+    /// Same flags, engine and alerts as `watch`, refreshed every poll. Needs a terminal; for
+    /// JSON lines use `watch`.
+    #[command(after_help = TOP_KEYS)]
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,8 +136,8 @@ pub struct CheckArgs {
     pub config: Option<PathBuf>,
 }
 
-/// What to watch and how: the selectors, thresholds, policy file and probe settings; everything
-/// but what `watch` does about alerts, for each command that runs the engine.
+/// What to watch and how: the selectors, thresholds, policy file and probe settings `watch` and
+/// `top` share, so both run the same engine on the same command line.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("selector").multiple(true).args(["pids", "comms"])))]
 pub struct EngineArgs {
@@ -170,7 +190,8 @@ pub struct EngineArgs {
     pub thresholds: ThresholdFlags,
 
     /// Print a `stats` event with the agent's own health (sockets seen, poll time, probe
-    /// counters, sockets the probes failed to track) this often; 0 turns it off.
+    /// counters, sockets the probes failed to track) this often (`top`: into its --log file);
+    /// 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "60s", env = "OBSERVER_STATS_INTERVAL",
           value_parser = units::duration)]
     pub stats_interval: Duration,
@@ -226,6 +247,17 @@ pub struct WatchArgs {
     pub dry_run: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Also append what `watch` would print (started, alerts, clears, stats) and an `action`
+    /// line per connection ended from the screen to FILE, as JSON lines.
+    #[arg(long, value_name = "FILE", env = "OBSERVER_TOP_LOG")]
+    pub log: Option<PathBuf>,
+}
+
 /// One optional flag per threshold (see `detect::thresholds`); unset ones leave the policy
 /// file's value, or the default, in force.
 macro_rules! threshold_flags {
@@ -263,8 +295,14 @@ with_thresholds!(threshold_flags {});
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::kernel::system::map_large_allocations();
+    // `top` owns the terminal while it draws: logs wait in memory meanwhile (see top::Logs).
+    let logs = top::Logs::default();
+    let target = match cli.command {
+        Command::Top(_) => env_logger::Target::Pipe(Box::new(logs.clone())),
+        _ => env_logger::Target::Stderr,
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
+        .target(target)
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -273,7 +311,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, logs)) {
         Ok(code) => code,
         Err(err) => {
             // One line, whole cause chain, no backtrace.
@@ -284,10 +322,11 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs the command the command line names; errors come back for `main` to print as one line.
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, logs: top::Logs) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Watch(args) => watch::run(args.options()).await.map(|()| ExitCode::SUCCESS),
         Command::Kill(args) => kill::run(&args.options()),
+        Command::Top(args) => top::run(args.options(), logs).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => {
             let ready = check::run(&check::Options { config: args.config })?;
             Ok(if ready { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -333,6 +372,12 @@ impl WatchArgs {
             max_per_minute: self.max_actions_per_minute,
             dry_run: self.dry_run,
         }))
+    }
+}
+
+impl TopArgs {
+    pub fn options(&self) -> top::Options {
+        top::Options { watch: self.engine.options(None), log: self.log.clone() }
     }
 }
 
@@ -483,10 +528,42 @@ mod tests {
     }
 
     #[test]
+    fn top_takes_the_engine_flags_of_watch_and_builds_the_same_options() {
+        let flags = [
+            "--pid",
+            "10",
+            "--port",
+            "8080",
+            "--poll-interval",
+            "250ms",
+            "--idle-timeout",
+            "5s",
+            "--config",
+            "policy.toml",
+            "--syscall-timing",
+            "--probes",
+            "tracepoint",
+        ];
+        let parse = |command: &str, extra: &[&str]| {
+            let head = ["observer", command];
+            let args = head.iter().chain(&flags).chain(extra);
+            Cli::try_parse_from(args).unwrap().command
+        };
+        let Command::Watch(watch) = parse("watch", &[]) else { panic!("not watch") };
+        let Command::Top(top) = parse("top", &["--log", "top.jsonl"]) else { panic!("not top") };
+        let top = top.options();
+        assert_eq!(top.watch, watch.options(), "the same engine on the same flags");
+        assert_eq!(top.log, Some(PathBuf::from("top.jsonl")));
+        // Ending connections by policy is watch's; top ends them by hand.
+        let err = Cli::try_parse_from(["observer", "top", "--action", "destroy"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
     fn help_explains_every_flag() {
         Cli::command().debug_assert();
         let mut cmd = Cli::command();
-        for sub in ["watch", "kill", "check"] {
+        for sub in ["watch", "kill", "check", "top"] {
             let sub = cmd.find_subcommand_mut(sub).unwrap();
             for arg in sub.get_arguments() {
                 assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());

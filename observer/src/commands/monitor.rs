@@ -11,7 +11,7 @@ use super::watch::Options;
 use crate::{
     act::respond::Responder,
     alerts::{AlertBook, ClearWhy, attribution},
-    detect::{Detector, KernelSettings, Policy, Target},
+    detect::{Detector, Finding, KernelSettings, Policy, Target},
     kernel::{
         btf::Btf,
         probes::{LoadOptions, Probes},
@@ -38,6 +38,8 @@ pub struct Monitor {
     probe_stats: bool,
     /// The last poll's snapshot, until the next poll takes its buffer back.
     last: Option<Snapshot>,
+    /// The last poll's findings: every standing alert's current numbers.
+    findings: Vec<Finding>,
     /// Kernel BPF run-time statistics stay on while this fd is open (`--probe-stats`).
     _stats_enabled: Option<std::os::fd::OwnedFd>,
 }
@@ -132,6 +134,7 @@ impl Monitor {
             stats: PollStats::default(),
             probe_stats: args.probe_stats,
             last: None,
+            findings: Vec::new(),
             _stats_enabled: stats_enabled,
         };
         Ok((monitor, started))
@@ -219,6 +222,7 @@ impl Monitor {
             }
         }
         self.last = Some(snapshot);
+        self.findings = findings;
         Ok(())
     }
 
@@ -229,6 +233,26 @@ impl Monitor {
 
     pub fn poll_stats(&self) -> &PollStats {
         &self.stats
+    }
+
+    /// The last successful poll's view of the sockets (`None` before the first).
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.last.as_ref()
+    }
+
+    /// The alerts standing after the last poll.
+    pub fn alerts(&self) -> &AlertBook {
+        &self.book
+    }
+
+    /// The last poll's findings, in a stable order: the current numbers of each standing alert.
+    pub fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+
+    /// Per-probe event counts and failures (`track_failed`, `events_lost`, ...), summed over CPUs.
+    pub fn probe_counters(&self) -> HashMap<&'static str, u64> {
+        self.probes.counters()
     }
 
     /// The `stats` event, with `events_dropped` as the output counted them.
