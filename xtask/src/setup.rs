@@ -17,10 +17,11 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Host tools the integration tests drive: iproute2 (`ip netns`) and nftables (`nft`, to make a
-/// peer vanish). Installed from the distribution if missing.
+/// Host tools the integration tests drive: iproute2 (`ip netns`), nftables (`nft`, to make a
+/// peer vanish) and tmux (a terminal for `observer top`). Installed from the distribution if
+/// missing.
 pub fn test_tools() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables")]
+    let missing: Vec<&str> = [("ip", "iproute2"), ("nft", "nftables"), ("tmux", "tmux")]
         .into_iter()
         .filter(|(tool, _)| output(Command::new(tool).arg("-V")).is_none())
         .map(|(_, package)| package)
