@@ -8,7 +8,7 @@
 //! 3. `detect`: pure rules from snapshots to findings, with their thresholds and policy.
 //! 4. `alerts`: findings become alerts raised and cleared once, with the threads stuck on them.
 //! 5. `act` and `report`: ending connections, and the JSON-lines events on stdout.
-//! 6. `commands`: `watch`, `check` and `kill`, each a function of plain options.
+//! 6. `commands`: `watch`, `top`, `check` and `kill`, each a function of plain options.
 //! 7. `cli`: the command line (the only module that knows clap).
 //!
 //! `units` and `fastmap` are small foundations any layer may use.
