@@ -164,6 +164,7 @@ pub async fn run(args: Options, logs: Logs) -> anyhow::Result<()> {
                     // A resize (or anything else) only needs the redraw at the top of the loop.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(e).context("reading the keyboard"),
+                    // The terminal is gone, as after a hangup.
                     None => break "signal",
                 },
                 _ = interrupt.recv() => break "signal",
