@@ -146,8 +146,8 @@ pub struct EngineArgs {
     /// TCP socket in observer's network namespace is watched.
     ///
     /// The pid is the one `ps` shows next to observer: in a container sharing the server's
-    /// processes, the container's own numbering. The agent exits (after a `target_exited`
-    /// event per pid) once every watched process is gone. Example: --pid 4242 --pid 4243
+    /// processes, the container's own numbering. Once every watched process is gone, `watch`
+    /// exits (after a `target_exited` event per pid) and `top` says so. Example: --pid 4242
     #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
