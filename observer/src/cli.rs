@@ -17,7 +17,7 @@ const MAX_PID: i64 = 1 << 22;
 
 use crate::{
     act::Mode,
-    commands::{check, kill, watch},
+    commands::{check, kill, top, watch},
     detect::{
         Reason,
         thresholds::{Overrides, ThresholdValue, with_thresholds},
@@ -58,6 +58,19 @@ Examples:
 Prints one `action` line: result ok, already_gone, not_permitted, unsupported or failed.
 Exits 0 only when the result is ok.";
 
+const TOP_KEYS: &str = "\
+Keys:
+  Up/Down, PgUp/PgDn, Home/End   select a connection (its alert and numbers show below)
+  i / b / t                      sort by idle time, bytes or state (again: reverse)
+  /                              filter by text (addresses, state, process, thread, reason);
+                                 Enter keeps it, Esc clears it
+  s / d                          shut down / destroy the selected connection, after `y`
+                                 (the same checks as `observer kill`)
+  q, Ctrl-C                      quit
+
+Example:
+  observer top --pid $(pgrep -o nginx) --idle-timeout 30s --log /var/log/observer-top.jsonl";
+
 #[derive(Debug, Parser)]
 #[command(name = "observer", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub struct Cli {
@@ -83,6 +96,13 @@ pub enum Command {
     /// sockets are refused.
     #[command(after_help = KILL_EXAMPLES)]
     Kill(KillArgs),
+    /// A live full-screen view of the watched connections: state, idle time, traffic, the
+    /// thread stuck on each, its alert; end one from the screen.
+    ///
+    /// Same flags, engine and alerts as `watch`, refreshed every poll. Needs a terminal; for
+    /// JSON lines use `watch`.
+    #[command(after_help = TOP_KEYS)]
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -132,16 +152,18 @@ pub struct CheckArgs {
     pub comms: Vec<String>,
 }
 
+/// What to watch and how: the selectors, thresholds, policy file and probe settings `watch` and
+/// `top` share, so both run the same engine on the same command line.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("selector").multiple(true).args(["pids", "comms"])))]
-pub struct WatchArgs {
+pub struct EngineArgs {
     /// Watch the TCP sockets of this process and of every process it forks, now or later
     /// (repeat for several; comma-separated in OBSERVER_PID). Without --pid or --comm, every
     /// TCP socket in observer's network namespace is watched.
     ///
     /// The pid is the one `ps` shows next to observer: in a container sharing the server's
-    /// processes, the container's own numbering. The agent exits (after a `target_exited`
-    /// event per pid) once every watched process is gone. Example: --pid 4242 --pid 4243
+    /// processes, the container's own numbering. Once every watched process is gone, `watch`
+    /// exits (after a `target_exited` event per pid) and `top` says so. Example: --pid 4242
     #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pids: Vec<u32>,
@@ -184,37 +206,11 @@ pub struct WatchArgs {
     pub thresholds: ThresholdFlags,
 
     /// Print a `stats` event with the agent's own health (sockets seen, poll time, probe
-    /// counters, sockets the probes failed to track) this often; 0 turns it off.
+    /// counters, sockets the probes failed to track) this often (`top`: into its --log file);
+    /// 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "60s", env = "OBSERVER_STATS_INTERVAL",
           value_parser = units::duration)]
     pub stats_interval: Duration,
-
-    /// End connections whose alert stands for one of the --action-on reasons, by this mode
-    /// (see `observer kill --help`). Listening sockets are never acted on.
-    #[arg(long, value_name = "MODE", requires = "action_on", env = "OBSERVER_ACTION",
-          value_parser = mode())]
-    pub action: Option<Mode>,
-
-    /// Reasons to act on, comma-separated: idle, slow_transfer, blocked_send, retransmitting,
-    /// close_wait, keepalive_missing. Example: --action-on idle,slow_transfer
-    #[arg(long, value_name = "REASONS", value_delimiter = ',', value_parser = actionable_reason,
-          requires = "action", env = "OBSERVER_ACTION_ON")]
-    pub action_on: Vec<Reason>,
-
-    /// Act only once an alert has stood this long. Example: 5m
-    #[arg(long, value_name = "DURATION", default_value = "0s", env = "OBSERVER_ACTION_AFTER",
-          value_parser = units::duration)]
-    pub action_after: Duration,
-
-    /// Never end more than this many connections in any minute (1 to 10000); the rest wait
-    /// their turn.
-    #[arg(long, value_name = "N", default_value_t = 10, env = "OBSERVER_MAX_ACTIONS_PER_MINUTE",
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub max_actions_per_minute: u32,
-
-    /// Print the `action` lines --action would produce, change nothing.
-    #[arg(long, requires = "action", env = "OBSERVER_DRY_RUN")]
-    pub dry_run: bool,
 
     /// Also time each watched thread's socket syscalls (needs --pid or --comm): gives
     /// `blocked_ms` on kernels where only the tracepoint backend works, and counts accept()
@@ -244,6 +240,39 @@ pub struct WatchArgs {
           env = "OBSERVER_MAX_SOCKETS",
           value_parser = clap::value_parser!(u32).range(64..=MAX_TRACKED_SOCKETS))]
     pub max_sockets: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// End connections whose alert stands for one of the --action-on reasons, by this mode
+    /// (see `observer kill --help`). Listening sockets are never acted on.
+    #[arg(long, value_name = "MODE", requires = "action_on", env = "OBSERVER_ACTION",
+          value_parser = mode())]
+    pub action: Option<Mode>,
+
+    /// Reasons to act on, comma-separated: idle, slow_transfer, blocked_send, retransmitting,
+    /// close_wait, keepalive_missing. Example: --action-on idle,slow_transfer
+    #[arg(long, value_name = "REASONS", value_delimiter = ',', value_parser = actionable_reason,
+          requires = "action", env = "OBSERVER_ACTION_ON")]
+    pub action_on: Vec<Reason>,
+
+    /// Act only once an alert has stood this long. Example: 5m
+    #[arg(long, value_name = "DURATION", default_value = "0s", env = "OBSERVER_ACTION_AFTER",
+          value_parser = units::duration)]
+    pub action_after: Duration,
+
+    /// Never end more than this many connections in any minute (1 to 10000); the rest wait
+    /// their turn.
+    #[arg(long, value_name = "N", default_value_t = 10, env = "OBSERVER_MAX_ACTIONS_PER_MINUTE",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_actions_per_minute: u32,
+
+    /// Print the `action` lines --action would produce, change nothing.
+    #[arg(long, requires = "action", env = "OBSERVER_DRY_RUN")]
+    pub dry_run: bool,
 
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics, with /healthz (200 while polls
     /// succeed, 503 and why when none has in 3 poll intervals) and /readyz (200 once the probes
@@ -251,6 +280,17 @@ pub struct WatchArgs {
     /// Example: --metrics-addr 127.0.0.1:9464 (0.0.0.0:9464 for every interface)
     #[arg(long, value_name = "ADDR:PORT", env = "OBSERVER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Also append what `watch` would print (started, alerts, clears, stats) and an `action`
+    /// line per connection ended from the screen to FILE, as JSON lines.
+    #[arg(long, value_name = "FILE", env = "OBSERVER_TOP_LOG")]
+    pub log: Option<PathBuf>,
 }
 
 /// One optional flag per threshold (see `detect::thresholds`); unset ones leave the policy
@@ -290,8 +330,14 @@ with_thresholds!(threshold_flags {});
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::kernel::system::map_large_allocations();
+    // `top` owns the terminal while it draws: logs wait in memory meanwhile (see top::Logs).
+    let logs = top::Logs::default();
+    let target = match cli.command {
+        Command::Top(_) => env_logger::Target::Pipe(Box::new(logs.clone())),
+        _ => env_logger::Target::Stderr,
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
+        .target(target)
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -300,7 +346,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, logs)) {
         Ok(code) => code,
         Err(err) => {
             // One line, whole cause chain, no backtrace.
@@ -311,10 +357,11 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs the command the command line names; errors come back for `main` to print as one line.
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, logs: top::Logs) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Watch(args) => watch::run(args.options()).await.map(|()| ExitCode::SUCCESS),
         Command::Kill(args) => kill::run(&args.options()),
+        Command::Top(args) => top::run(args.options(), logs).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => {
             let selector = Selector { pids: args.pids, descendants: false, comms: args.comms };
             let ready = check::run(&check::Options { config: args.config, selector })?;
@@ -329,8 +376,9 @@ fn env_name(flag: &str) -> &'static str {
     Box::leak(format!("OBSERVER_{}", flag.to_uppercase()).into_boxed_str())
 }
 
-impl WatchArgs {
-    pub fn options(&self) -> watch::Options {
+impl EngineArgs {
+    /// The engine's options; `action` is `watch --action`'s part.
+    pub fn options(&self, action: Option<watch::ActionOptions>) -> watch::Options {
         watch::Options {
             selector: Selector {
                 pids: self.pids.clone(),
@@ -343,19 +391,32 @@ impl WatchArgs {
             config: self.config.clone(),
             thresholds: self.thresholds.overrides(),
             stats_interval: self.stats_interval,
-            action: self.action.map(|mode| watch::ActionOptions {
-                mode,
-                reasons: self.action_on.clone(),
-                after: self.action_after,
-                max_per_minute: self.max_actions_per_minute as usize,
-                dry_run: self.dry_run,
-            }),
+            action,
             syscall_timing: self.syscall_timing,
             sleep_timing: !self.no_sleep_timing,
             probe_stats: self.probe_stats,
             max_sockets: self.max_sockets,
-            metrics_addr: self.metrics_addr,
+            metrics_addr: None,
         }
+    }
+}
+
+impl WatchArgs {
+    pub fn options(&self) -> watch::Options {
+        let action = self.action.map(|mode| watch::ActionOptions {
+            mode,
+            reasons: self.action_on.clone(),
+            after: self.action_after,
+            max_per_minute: self.max_actions_per_minute as usize,
+            dry_run: self.dry_run,
+        });
+        watch::Options { metrics_addr: self.metrics_addr, ..self.engine.options(action) }
+    }
+}
+
+impl TopArgs {
+    pub fn options(&self) -> top::Options {
+        top::Options { watch: self.engine.options(None), log: self.log.clone() }
     }
 }
 
@@ -404,7 +465,9 @@ mod tests {
     #[test]
     fn watch_defaults() {
         let cli = Cli::try_parse_from(["observer", "watch"]).unwrap();
-        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let Command::Watch(watch) = cli.command else { panic!("not watch") };
+        assert_eq!(watch.metrics_addr, None, "metrics are off unless asked for");
+        let w = watch.engine;
         assert!(w.pids.is_empty() && w.ports.is_empty());
         assert_eq!(w.poll_interval, Duration::from_secs(1));
         assert_eq!(
@@ -413,7 +476,6 @@ mod tests {
             "unset flags leave the policy alone"
         );
         assert_eq!(w.probes, ProbeChoice::Auto);
-        assert_eq!(w.metrics_addr, None, "metrics are off unless asked for");
     }
 
     #[test]
@@ -435,14 +497,15 @@ mod tests {
             "[::1]:9464",
         ])
         .unwrap();
-        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let Command::Watch(watch) = cli.command else { panic!("not watch") };
+        assert_eq!(watch.options().metrics_addr, Some("[::1]:9464".parse().unwrap()));
+        let w = watch.engine;
         assert_eq!(w.pids, vec![10, 11]);
         assert_eq!(w.ports, vec![8080]);
         assert_eq!(w.poll_interval, Duration::from_millis(250));
         let given =
             Overrides { retrans_timeout: Some(Duration::from_secs(2)), ..Overrides::default() };
         assert_eq!(w.thresholds.overrides(), given);
-        assert_eq!(w.options().metrics_addr, Some("[::1]:9464".parse().unwrap()));
     }
 
     #[test]
@@ -512,10 +575,42 @@ mod tests {
     }
 
     #[test]
+    fn top_takes_the_engine_flags_of_watch_and_builds_the_same_options() {
+        let flags = [
+            "--pid",
+            "10",
+            "--port",
+            "8080",
+            "--poll-interval",
+            "250ms",
+            "--idle-timeout",
+            "5s",
+            "--config",
+            "policy.toml",
+            "--syscall-timing",
+            "--probes",
+            "tracepoint",
+        ];
+        let parse = |command: &str, extra: &[&str]| {
+            let head = ["observer", command];
+            let args = head.iter().chain(&flags).chain(extra);
+            Cli::try_parse_from(args).unwrap().command
+        };
+        let Command::Watch(watch) = parse("watch", &[]) else { panic!("not watch") };
+        let Command::Top(top) = parse("top", &["--log", "top.jsonl"]) else { panic!("not top") };
+        let top = top.options();
+        assert_eq!(top.watch, watch.options(), "the same engine on the same flags");
+        assert_eq!(top.log, Some(PathBuf::from("top.jsonl")));
+        // Ending connections by policy is watch's; top ends them by hand.
+        let err = Cli::try_parse_from(["observer", "top", "--action", "destroy"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
     fn help_explains_every_flag() {
         Cli::command().debug_assert();
         let mut cmd = Cli::command();
-        for sub in ["watch", "kill", "check"] {
+        for sub in ["watch", "kill", "check", "top"] {
             let sub = cmd.find_subcommand_mut(sub).unwrap();
             for arg in sub.get_arguments() {
                 assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());

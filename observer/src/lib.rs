@@ -9,7 +9,7 @@
 //! 4. `alerts`: findings become alerts raised and cleared once, with the threads stuck on them.
 //! 5. `act` and `report`: ending connections; the JSON-lines events on stdout, and the Prometheus
 //!    metrics and health endpoints (`--metrics-addr`) counted from those events and each poll.
-//! 6. `commands`: `watch`, `check` and `kill`, each a function of plain options.
+//! 6. `commands`: `watch`, `top`, `check` and `kill`, each a function of plain options.
 //! 7. `cli`: the command line (the only module that knows clap).
 //!
 //! `units` and `fastmap` are small foundations any layer may use.

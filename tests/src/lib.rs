@@ -2,6 +2,7 @@
 //! programs, and waits (with deadlines, never fixed sleeps) for the JSON lines they print.
 pub mod netns;
 pub mod podman;
+pub mod tmux;
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -496,7 +497,18 @@ impl Server {
 /// `observer watch` arguments for tests: fast polls, the given pids, then `extra`. The probe
 /// backend is $OBSERVER_PROBES when set (the VM test runs every test under each backend).
 pub fn watch_args(pids: &[u32], extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["watch".to_owned(), "--poll-interval".into(), "200ms".into()];
+    engine_args("watch", "200ms", pids, extra)
+}
+
+/// Arguments for `command` (`watch` or `top`, which take the same engine flags): polls every
+/// `poll_interval`, the given pids, the probe backend of $OBSERVER_PROBES, then `extra`.
+pub fn engine_args(
+    command: &str,
+    poll_interval: &str,
+    pids: &[u32],
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = vec![command.to_owned(), "--poll-interval".into(), poll_interval.into()];
     if let Ok(backend) = std::env::var("OBSERVER_PROBES") {
         args.extend(["--probes".to_owned(), backend]);
     }

@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 
 use crate::workspace_root;
 
+mod top;
+
 #[derive(Clone, Copy)]
 pub struct Options {
     pub smoke: bool,
@@ -20,7 +22,7 @@ pub struct Options {
     pub only: Option<&'static str>,
 }
 
-const PARTS: [&str; 5] = ["hot-path", "per-event", "latency", "scale", "churn"];
+const PARTS: [&str; 6] = ["hot-path", "per-event", "latency", "scale", "top", "churn"];
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
@@ -598,13 +600,14 @@ pub fn run(opts: Options) -> Result<()> {
     let started = Instant::now();
     let mut figures = Vec::new();
     type Part = fn(&mut Vec<Figure>, Options) -> Result<()>;
-    let parts: [(&str, Part); 5] = [
+    let parts: [(&str, Part); 6] = [
         ("hot-path", hot_path),
         ("per-event", per_event),
         ("latency", latency),
         // Before churn, whose 120k closed connections linger in TIME_WAIT for a minute and
         // lengthen every walk of the socket table.
         ("scale", scale),
+        ("top", top::top),
         ("churn", churn),
     ];
     for (name, part) in parts {

@@ -20,7 +20,8 @@ pub fn run() -> Result<()> {
 /// Host tools the integration tests drive, installed if missing: iproute2 (`ip netns`),
 /// nftables (`nft`, to make a peer vanish), util-linux (`unshare`, `nsenter`, `setpriv`),
 /// podman with runc and busybox-static (containers), Prometheus's server and promtool (the
-/// metrics tests), and PyPI's kubernetes-validate (the Kubernetes API schemas, offline).
+/// metrics tests), tmux (a terminal for `observer top`), and PyPI's kubernetes-validate (the
+/// Kubernetes API schemas, offline).
 pub fn test_tools() -> Result<()> {
     let tools = [
         ("ip", "-V", "iproute2"),
@@ -31,6 +32,7 @@ pub fn test_tools() -> Result<()> {
         ("busybox", "--help", "busybox-static"),
         ("promtool", "--version", "prometheus"),
         ("prometheus", "--version", "prometheus"),
+        ("tmux", "-V", "tmux"),
     ];
     let mut missing: Vec<&str> = tools
         .into_iter()

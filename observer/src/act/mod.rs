@@ -7,6 +7,7 @@
 //! - `shutdown`: duplicate the owner's fd with pidfd_getfd(2), check the duplicate's SO_COOKIE,
 //!   then shutdown(SHUT_RDWR): the peer gets a FIN, blocked readers see EOF and writers EPIPE,
 //!   and the application closes the socket through its normal path.
+pub mod manual;
 pub mod respond;
 
 use std::{

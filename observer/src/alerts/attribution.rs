@@ -12,7 +12,7 @@ use crate::{
         procfs::{self, Owner, ThreadState},
         syscalls,
     },
-    snapshot::Snapshot,
+    snapshot::{Snapshot, SocketView},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -149,6 +149,93 @@ pub fn for_finding(
         })
         .into_iter()
         .collect()
+}
+
+/// Names the threads of many sockets of one snapshot, as a live table of every connection needs
+/// each poll. Each owner's threads are read from /proc once and indexed by the fd and the socket
+/// they are busy with, so a socket costs a few lookups rather than a pass over every thread of
+/// its process; what [`attribute`] then sees are the only threads it could name.
+pub struct ThreadIndex<'s, R> {
+    snapshot: &'s Snapshot,
+    read_threads: R,
+    processes: HashMap<u32, ProcessThreads>,
+}
+
+/// One process's threads, indexed.
+struct ProcessThreads {
+    threads: Vec<ThreadState>,
+    by_tid: HashMap<u32, usize>,
+    /// Threads that /proc or their syscall record shows inside a call on each fd.
+    by_fd: HashMap<i32, Vec<usize>>,
+    /// Threads inside a TCP send or receive on each socket.
+    by_cookie: HashMap<u64, Vec<usize>>,
+}
+
+impl<'s> ThreadIndex<'s, fn(u32) -> Vec<ThreadState>> {
+    /// Reads threads from /proc, once per process, as sockets ask for them.
+    pub fn new(snapshot: &'s Snapshot) -> Self {
+        ThreadIndex::with_reader(snapshot, procfs::thread_states)
+    }
+}
+
+impl<'s, R: FnMut(u32) -> Vec<ThreadState>> ThreadIndex<'s, R> {
+    /// With `read_threads` standing in for /proc.
+    pub fn with_reader(snapshot: &'s Snapshot, read_threads: R) -> Self {
+        ThreadIndex { snapshot, read_threads, processes: HashMap::new() }
+    }
+
+    /// What [`attribute`] says of `socket`'s owner's threads (nothing for an unowned socket).
+    pub fn threads_of(&mut self, socket: &SocketView) -> Vec<ThreadInfo> {
+        let Some(owner) = &socket.owner else { return vec![] };
+        let snapshot = self.snapshot;
+        let process = self.processes.entry(owner.pid).or_insert_with(|| {
+            ProcessThreads::index(owner.pid, (self.read_threads)(owner.pid), snapshot)
+        });
+        let cookie = socket.cookie();
+        let mut picked: Vec<usize> = Vec::new();
+        picked.extend(process.by_fd.get(&owner.fd).into_iter().flatten());
+        picked.extend(process.by_cookie.get(&cookie).into_iter().flatten());
+        if let Some(last) = socket.diag.activity.as_ref().map(|a| a.last_tid) {
+            picked.extend(process.by_tid.get(&last));
+        }
+        // In /proc's order (by tid), as attribute() would have met them.
+        picked.sort_unstable();
+        picked.dedup();
+        let candidates: Vec<ThreadState> =
+            picked.iter().map(|&i| process.threads[i].clone()).collect();
+        let probed = Probed {
+            syscalls: &snapshot.thread_syscalls,
+            tcp_calls: &snapshot.thread_tcp_calls,
+            sleeps: &snapshot.thread_sleeps,
+            activity: socket.diag.activity.as_ref(),
+        };
+        attribute(owner, cookie, &candidates, &probed, snapshot.taken_ns)
+    }
+}
+
+impl ProcessThreads {
+    fn index(pid: u32, threads: Vec<ThreadState>, snapshot: &Snapshot) -> Self {
+        let mut by_tid = HashMap::with_capacity(threads.len());
+        let mut by_fd: HashMap<i32, Vec<usize>> = HashMap::new();
+        let mut by_cookie: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, t) in threads.iter().enumerate() {
+            by_tid.insert(t.tid, i);
+            if let Some(blocked) = t.blocked {
+                by_fd.entry(blocked.fd).or_default().push(i);
+            }
+            if let Some(call) = snapshot.thread_syscalls.get(&t.tid).filter(|c| c.enter_ns != 0)
+                && t.blocked.is_none_or(|b| b.fd != call.fd)
+            {
+                by_fd.entry(call.fd).or_default().push(i);
+            }
+            if let Some(call) =
+                snapshot.thread_tcp_calls.get(&t.tid).filter(|c| c.enter_ns != 0 && c.tgid == pid)
+            {
+                by_cookie.entry(call.cookie).or_default().push(i);
+            }
+        }
+        ProcessThreads { threads, by_tid, by_fd, by_cookie }
+    }
 }
 
 #[cfg(test)]
@@ -303,5 +390,75 @@ mod tests {
             4_000_000_000,
         );
         assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("write"), Some(3000)));
+    }
+
+    #[test]
+    fn the_index_names_the_same_threads_as_a_pass_over_all_of_them() {
+        use crate::snapshot::fixtures::{NOW_NS, snapshot as snapshot_of, socket};
+        use observer_common::TcpState;
+
+        // Socket n is fd 3 + n of pid 42 (the fixtures' owner).
+        let mut sockets: Vec<SocketView> =
+            (1..=5).map(|c| socket(c, TcpState::Established, 0, 0)).collect();
+        sockets[4].diag.activity = Some(Activity {
+            last_tgid: 42,
+            last_tid: 205,
+            last_recv_ns: NOW_NS - 3_000_000_000,
+            ..Default::default()
+        });
+        sockets[2].owner = None;
+        let mut snap = snapshot_of(sockets);
+        let threads = vec![
+            thread(201, "worker-1", Some(("read", 4))), // socket 1, seen in /proc
+            thread(202, "worker-2", None),              // socket 2, timed by its syscall record
+            thread(203, "worker-3", None),              // socket 4, inside tcp_recvmsg
+            thread(204, "idle", Some(("nanosleep", 99))),
+            thread(205, "worker-5", None), // socket 5's last reader
+        ];
+        snap.thread_syscalls = HashMap::from([(
+            202,
+            ThreadSyscall { enter_ns: NOW_NS - 1_000_000_000, nr: libc::SYS_read as u32, fd: 5 },
+        )]);
+        snap.thread_tcp_calls = HashMap::from([(
+            203,
+            ThreadTcpCall {
+                enter_ns: NOW_NS - 2_000_000_000,
+                cookie: 4,
+                tgid: 42,
+                direction: Direction::Recv as u8,
+                ..ThreadTcpCall::default()
+            },
+        )]);
+        let mut reads = 0;
+        let mut index = ThreadIndex::with_reader(&snap, |_| {
+            reads += 1;
+            threads.clone()
+        });
+        let got: Vec<Vec<ThreadInfo>> = snap.sockets.iter().map(|s| index.threads_of(s)).collect();
+        drop(index);
+        assert_eq!(reads, 1, "/proc read once per process");
+        let expected: Vec<Vec<ThreadInfo>> = snap
+            .sockets
+            .iter()
+            .map(|s| match &s.owner {
+                None => vec![],
+                Some(owner) => {
+                    let probed = Probed {
+                        syscalls: &snap.thread_syscalls,
+                        tcp_calls: &snap.thread_tcp_calls,
+                        sleeps: &snap.thread_sleeps,
+                        activity: s.diag.activity.as_ref(),
+                    };
+                    attribute(owner, s.cookie(), &threads, &probed, snap.taken_ns)
+                }
+            })
+            .collect();
+        assert_eq!(got, expected);
+        let names: Vec<Vec<&str>> =
+            got.iter().map(|ts| ts.iter().map(|t| t.name.as_str()).collect()).collect();
+        assert_eq!(
+            names,
+            vec![vec!["worker-1"], vec!["worker-2"], vec![], vec!["worker-3"], vec!["worker-5"]]
+        );
     }
 }

@@ -2,4 +2,5 @@
 pub mod check;
 pub mod kill;
 pub mod monitor;
+pub mod top;
 pub mod watch;

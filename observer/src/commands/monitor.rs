@@ -12,7 +12,7 @@ use super::watch::Options;
 use crate::{
     act::respond::Responder,
     alerts::{AlertBook, ClearWhy, attribution},
-    detect::{Detector, KernelSettings, Policy, Target},
+    detect::{Detector, Finding, KernelSettings, Policy, Target},
     kernel::{
         btf::Btf,
         privileges::{Cap, Caps, names},
@@ -40,6 +40,8 @@ pub struct Monitor {
     probe_stats: bool,
     /// The last poll's snapshot, until the next poll takes its buffer back.
     last: Option<Snapshot>,
+    /// The last poll's findings: every standing alert's current numbers.
+    findings: Vec<Finding>,
     /// Kernel BPF run-time statistics stay on while this fd is open (`--probe-stats`).
     _stats_enabled: Option<std::os::fd::OwnedFd>,
     /// Sockets the probes could not track, as of the last warning about it, and when that was.
@@ -143,6 +145,7 @@ impl Monitor {
             stats: PollStats::default(),
             probe_stats: args.probe_stats,
             last: None,
+            findings: Vec::new(),
             _stats_enabled: stats_enabled,
             untracked_warned: (0, None),
         };
@@ -237,6 +240,7 @@ impl Monitor {
         }
         self.last = Some(snapshot);
         self.warn_if_map_full();
+        self.findings = findings;
         Ok(())
     }
 
@@ -286,6 +290,26 @@ impl Monitor {
         }
     }
 
+    /// The last successful poll's view of the sockets (`None` before the first).
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.last.as_ref()
+    }
+
+    /// The alerts standing after the last poll.
+    pub fn alerts(&self) -> &AlertBook {
+        &self.book
+    }
+
+    /// The last poll's findings, in a stable order: the current numbers of each standing alert.
+    pub fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+
+    /// Per-probe event counts and failures (`track_failed`, `events_lost`, ...), summed over CPUs.
+    pub fn probe_counters(&self) -> HashMap<&'static str, u64> {
+        self.probes.counters()
+    }
+
     /// The `stats` event, with `events_dropped` as the output counted them.
     pub fn stats_event(&self, events_dropped: u64) -> StatsEvent {
         let probe_counters: BTreeMap<_, _> = self.probes.counters().into_iter().collect();
@@ -319,6 +343,45 @@ impl Monitor {
             rss_kib: procfs::own_memory_kib("VmRSS"),
             peak_rss_kib: procfs::own_memory_kib("VmHWM"),
         }
+    }
+}
+
+/// Consecutive failed polls after which the agent gives up instead of silently seeing nothing.
+const MAX_FAILED_POLLS: u32 = 10;
+
+/// Failed polls in a row: a few are logged and ridden out, a run of them stops the agent.
+#[derive(Default)]
+pub struct PollFailures {
+    in_a_row: u32,
+}
+
+impl PollFailures {
+    /// Records a poll's result; an error once too many polls in a row have failed.
+    pub fn record(&mut self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        match result {
+            Ok(()) => self.in_a_row = 0,
+            Err(err) => {
+                self.in_a_row += 1;
+                log::warn!("poll failed ({} in a row): {err:#}", self.in_a_row);
+                if self.in_a_row >= MAX_FAILED_POLLS {
+                    return Err(err.context(format!("{MAX_FAILED_POLLS} polls in a row failed")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Memory housekeeping after a poll, whoever runs the polls.
+pub fn after_poll(stats: &PollStats) {
+    // A poll of a big table allocates tens of MB for a moment (and the first one reads every fd
+    // link): give it back rather than carry the peak between polls.
+    if stats.polls == 1 || stats.sockets >= 20_000 {
+        system::release_free_memory();
+    }
+    if stats.polls == 1 {
+        // From here on, the reported peak is that of steady operation, not of start-up.
+        system::reset_peak_memory();
     }
 }
 

@@ -16,11 +16,11 @@ use tokio::{
     time::MissedTickBehavior,
 };
 
-use super::monitor::Monitor;
+use super::monitor::{self, Monitor, PollFailures};
 use crate::{
     act::Mode,
     detect::{Reason, thresholds::Overrides},
-    kernel::{probes::ProbeChoice, system},
+    kernel::probes::ProbeChoice,
     report::{
         Event,
         health::HealthRecord,
@@ -67,8 +67,6 @@ pub struct ActionOptions {
     pub dry_run: bool,
 }
 
-/// Consecutive failed polls after which the agent gives up instead of silently seeing nothing.
-const MAX_FAILED_POLLS: u32 = 10;
 /// How long a stop waits for queued events to reach stdout: a stop request is obeyed within a
 /// second whatever the reader of stdout does.
 const DRAIN_ON_STOP: Duration = Duration::from_millis(500);
@@ -106,7 +104,7 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
     let mut ticks = tokio::time::interval(args.poll_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_stats = Instant::now();
-    let mut failed_polls = 0;
+    let mut failures = PollFailures::default();
     let stop_reason = loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -149,16 +147,7 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
             let error = result.as_ref().err().map(|e| format!("{e:#}"));
             t.update(|h| h.poll_finished(Instant::now(), error));
         }
-        match result {
-            Ok(()) => failed_polls = 0,
-            Err(err) => {
-                failed_polls += 1;
-                log::warn!("poll failed ({failed_polls} in a row): {err:#}");
-                if failed_polls >= MAX_FAILED_POLLS {
-                    return Err(err.context(format!("{MAX_FAILED_POLLS} polls in a row failed")));
-                }
-            }
-        }
+        failures.record(result)?;
         if sink.closed() {
             bail!("stdout was closed; stopping");
         }
@@ -170,15 +159,7 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
             let monitor = monitor.lock().unwrap_or_else(|e| e.into_inner());
             sink.send(Event::Stats(monitor.stats_event(sink.dropped())));
         }
-        // A poll of a big table allocates tens of MB for a moment (and the first one reads every
-        // fd link): give it back rather than carry the peak between polls.
-        if stats.polls == 1 || stats.sockets >= 20_000 {
-            system::release_free_memory();
-        }
-        if stats.polls == 1 {
-            // From here on, the reported peak is that of steady operation, not of start-up.
-            system::reset_peak_memory();
-        }
+        monitor::after_poll(&stats);
     };
     sink.send(Event::Stopped { ts: timestamp(SystemTime::now()), reason: stop_reason });
     if !writer.finish(sink, DRAIN_ON_STOP) {
