@@ -25,7 +25,7 @@ pub use report::VmResults;
 use crate::workspace_root;
 
 pub const BACKENDS: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
-/// A run takes about 4 minutes; this only bounds a hung guest.
+/// A kernel's run takes about 3½ minutes; this only bounds a hung guest.
 const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// One integration-test binary and the tests of it the guest runs.
@@ -89,6 +89,8 @@ const SCENARIOS: &[Suite] = &[
     },
 ];
 
+/// Both kernels run every scenario: each took 190-205 s on a 2-core machine, so the whole VM
+/// stage stays near 7 minutes, far inside CI's budget; a detection subset for 6.1 is not needed.
 pub const KERNELS: [Kernel; 2] = [
     Kernel { name: "6.1", what: "Debian 12 cloud kernel", apt: Apt::System, suites: SCENARIOS },
     Kernel {
