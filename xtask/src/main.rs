@@ -136,6 +136,7 @@ fn test() -> Result<()> {
     // A short run for CI: the committed corpus replayed, and a little exploring.
     fuzz::run(std::time::Duration::from_secs(10))?;
     // The long benchmark is not for CI; its harness is, at toy sizes.
+    setup::bench_tools()?;
     bench::run(bench::Options { smoke: true, only: None })?;
     eprintln!("xtask: all tests passed");
     Ok(())
@@ -206,6 +207,7 @@ fn bench(opts: bench::Options) -> Result<()> {
     if !nix_is_root() {
         bail!("the benchmark loads BPF programs and needs root: run `sudo -E cargo xtask bench`");
     }
+    setup::bench_tools()?;
     build()?;
     status(&mut cargo(&["build", "--release", "--package", "observer-tests", "--bins"]))?;
     bench::run(opts)

@@ -44,7 +44,7 @@ pub fn test_tools() -> Result<()> {
         apt_install(&missing)?;
     }
     if missing.contains(&"prometheus") {
-        stop_prometheus_service();
+        stop_packaged_service("prometheus");
     }
     let has_validator = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--version"])
@@ -65,20 +65,37 @@ pub fn test_tools() -> Result<()> {
     Ok(())
 }
 
-/// Debian's prometheus package starts its own server (port 9090) where services run; the tests
-/// run their own on free loopback ports, so the packaged one is only in the way. Stopped both
-/// under systemd and where there is none (CI containers, whose policy-rc.d usually kept it from
-/// starting at all).
-fn stop_prometheus_service() {
+/// Debian's prometheus and nginx packages start their own servers (ports 9090, 80) where
+/// services run; the tests and the benchmark run their own on free loopback ports, so the
+/// packaged ones are only in the way. Stopped both under systemd and where there is none (CI
+/// containers, whose policy-rc.d usually kept them from starting at all).
+fn stop_packaged_service(name: &str) {
     let systemd = PathBuf::from("/run/systemd/system").is_dir();
     let stopped = if systemd {
-        Command::new("systemctl").args(["stop", "prometheus"]).status()
+        Command::new("systemctl").args(["stop", name]).status()
     } else {
-        Command::new("service").args(["prometheus", "stop"]).status()
+        Command::new("service").args([name, "stop"]).status()
     };
     if !stopped.is_ok_and(|s| s.success()) {
-        eprintln!("xtask: note: could not stop the prometheus service (it may not be running)");
+        eprintln!("xtask: note: could not stop the {name} service (it may not be running)");
     }
+}
+
+/// What the benchmark's real-server row drives: Debian's nginx, loaded by wrk.
+pub fn bench_tools() -> Result<()> {
+    let missing: Vec<&str> = [("/usr/sbin/nginx", "nginx"), ("/usr/bin/wrk", "wrk")]
+        .into_iter()
+        .filter(|(path, _)| !PathBuf::from(path).exists())
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)?;
+    if missing.contains(&"nginx") {
+        stop_packaged_service("nginx");
+    }
+    Ok(())
 }
 
 /// Installs Debian packages, refreshing the package lists once if needed.

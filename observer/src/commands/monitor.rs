@@ -60,6 +60,9 @@ pub struct PollStats {
     pub map_entries: usize,
     pub last_poll: Duration,
     pub max_poll: Duration,
+    /// The agent's peak memory through loading and the first poll (which reads every fd link
+    /// once), kept before the peak is reset to follow steady operation.
+    pub startup_peak_kib: Option<u64>,
 }
 
 impl Monitor {
@@ -239,6 +242,9 @@ impl Monitor {
             }
         }
         self.last = Some(snapshot);
+        if self.stats.polls == 1 {
+            self.stats.startup_peak_kib = procfs::own_memory_kib("VmHWM");
+        }
         self.warn_if_map_full();
         self.findings = findings;
         Ok(())
@@ -342,6 +348,7 @@ impl Monitor {
             events_dropped,
             rss_kib: procfs::own_memory_kib("VmRSS"),
             peak_rss_kib: procfs::own_memory_kib("VmHWM"),
+            startup_peak_rss_kib: self.stats.startup_peak_kib,
         }
     }
 }

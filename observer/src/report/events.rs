@@ -137,9 +137,11 @@ pub struct StatsEvent {
     pub probe_cost: Option<BTreeMap<&'static str, ProbeCost>>,
     /// Events that stdout could not take (its reader stopped reading) and were dropped.
     pub events_dropped: u64,
-    /// The agent's resident memory now, and its peak since start.
+    /// The agent's resident memory now, and its peak since the first poll.
     pub rss_kib: Option<u64>,
     pub peak_rss_kib: Option<u64>,
+    /// Its peak through start-up and the first poll: what a memory limit must allow.
+    pub startup_peak_rss_kib: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]

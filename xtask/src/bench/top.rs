@@ -11,7 +11,11 @@ use anyhow::{Context, Result, bail};
 use observer_tests::{observer_bin, tmux::Tmux};
 use serde_json::Value;
 
-use super::{Figure, Options, agent, hold_clients, hold_servers, median, stop, ts_ms, unix_ms};
+use super::{
+    Figure, Options, agent, median,
+    scale::{hold_clients, hold_servers},
+    stop, ts_ms, unix_ms,
+};
 
 /// Polls judged per run, after the first two once the connections are held.
 const STEADY_POLLS: usize = 8;
