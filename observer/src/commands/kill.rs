@@ -4,7 +4,7 @@ use std::{net::SocketAddr, process::ExitCode, time::SystemTime};
 use observer_common::{TcpState, TcpStates};
 
 use crate::{
-    act::{self, ActResult, Mode, Outcome, SocketRef},
+    act::{self, ActResult, Holder, Mode, Outcome, SocketRef},
     kernel::{
         netns,
         privileges::{Cap, Caps},
@@ -120,8 +120,7 @@ fn resolve(args: &Options) -> Result<Resolved, Box<Refused>> {
         return Err(refuse(Some(identity), Outcome::Failed, msg));
     }
     let target = SocketRef {
-        pid: args.pid,
-        fd: owner.fd,
+        holder: Some(Holder { pid: args.pid, fd: owner.fd }),
         cookie: socket.cookie,
         local: socket.local.addr(),
         remote: socket.remote.addr(),
