@@ -336,16 +336,17 @@ fn closing_detail(c: &Closing) -> String {
              whoever waits to read the rest waits with it. Bound that wait with a timeout after \
              shutdown()"
             .to_owned(),
-        _ if c.retransmits > 0 => format!(
-            "the peer acknowledges nothing ({} retransmissions in a row): it vanished, and the \
-             kernel retries until tcp_retries2 or tcp_orphan_retries gives up. End it now",
-            c.retransmits
-        ),
+        // A closed window is the live peer's own word: it is there, and not reading.
         _ if c.unsent > 1 && c.peer_window == 0 => format!(
             "{} bytes are still unsent and the peer stopped reading (window 0), so the kernel \
              keeps the socket and its buffers while it probes. End it, and bound how long a \
              response may take to drain",
             c.unsent
+        ),
+        _ if c.retransmits > 0 => format!(
+            "the peer acknowledges nothing ({} retransmissions in a row): it vanished, and the \
+             kernel retries until tcp_retries2 or tcp_orphan_retries gives up. End it now",
+            c.retransmits
         ),
         _ => "the peer has not acknowledged our FIN. End it".to_owned(),
     };

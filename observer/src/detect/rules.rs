@@ -266,9 +266,13 @@ fn closing_stalled(c: &SocketCtx) -> Option<Facts> {
     let d = &c.socket.diag;
     let tcp = d.tcp.unwrap_or_default();
     let timeout_ms = ms(c.t.closing_timeout);
+    let orphaned = d.inode == 0 && c.socket.owner.is_none();
     // Still making progress is not stuck: a FIN_WAIT2 peer still sending (a half-close it
-    // uses), or an orphan still draining its response to a slow but reading peer.
+    // uses), or an orphan still draining its response to a slow but reading peer. A closed
+    // socket in FIN_WAIT2 has nothing left to send and the kernel ends it after
+    // tcp_fin_timeout: only one the application still holds (after shutdown) is stuck.
     let silent = match d.state {
+        TcpState::FinWait2 if orphaned => return None,
         TcpState::FinWait2 => c.socket.last_recv_ms(c.now_ns).is_none_or(|ms| ms >= timeout_ms),
         TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing => {
             c.history.stalled_ms(c.now_ns) >= timeout_ms
@@ -281,7 +285,7 @@ fn closing_stalled(c: &SocketCtx) -> Option<Facts> {
             state: d.state,
             closing_ms,
             timeout_ms,
-            orphaned: d.inode == 0 && c.socket.owner.is_none(),
+            orphaned,
             unsent: tcp.notsent_bytes,
             queued: d.wqueue,
             peer_window: tcp.snd_wnd,

@@ -454,6 +454,13 @@ fn fin_wait2_stalls_only_while_the_peer_is_silent() {
     assert_eq!(found[0].facts.metrics()["orphaned"], false, "its fd is still open");
     let talking = |_| socket(1, TcpState::FinWait2, 70_000, 300);
     assert!(run(&mut detector(), 90, S, talking).is_empty());
+    // Closed after everything was acknowledged: the kernel ends it after tcp_fin_timeout.
+    let closed = |_| {
+        let mut s = silent(0);
+        (s.owner, s.diag.inode, s.diag.tcp) = (None, 0, None);
+        s
+    };
+    assert!(run(&mut detector(), 61, S, closed).is_empty());
 }
 
 // --- accept_spinning -------------------------------------------------------------------------

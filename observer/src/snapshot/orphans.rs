@@ -25,13 +25,14 @@ pub struct Memory {
     comms: FastMap<u32, Arc<str>>,
 }
 
-/// The states an application's close() or shutdown() leaves a connection in until the peer has
-/// acknowledged everything (TIME_WAIT aside, which is not a full socket).
-pub fn closing(state: TcpState) -> bool {
-    matches!(state, TcpState::FinWait1 | TcpState::FinWait2 | TcpState::LastAck | TcpState::Closing)
+/// The states a closed connection waits in for the peer to acknowledge its data and FIN, holding
+/// its buffers and retransmitting. (A closed one in FIN_WAIT2 has had everything acknowledged:
+/// the kernel keeps at most a small TIME_WAIT-like record of it, and only for tcp_fin_timeout.)
+fn closing(state: TcpState) -> bool {
+    matches!(state, TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing)
 }
 
-/// A socket no fd holds on its way out.
+/// A socket no fd holds any more that still waits for its peer.
 pub fn is_orphan(socket: &SocketView) -> bool {
     socket.owner.is_none() && socket.diag.inode == 0 && closing(socket.diag.state)
 }
@@ -97,6 +98,14 @@ mod tests {
         let mut orphan = socket(7, TcpState::FinWait1, 0, 0);
         (orphan.owner, orphan.diag.inode) = (None, 0);
         assert!(is_orphan(&orphan));
+        let acknowledged = SocketView {
+            diag: crate::kernel::sock_diag::DiagSocket {
+                state: TcpState::FinWait2,
+                ..orphan.diag.clone()
+            },
+            ..orphan.clone()
+        };
+        assert!(!is_orphan(&acknowledged), "the kernel ends it after tcp_fin_timeout");
         let mut next =
             Snapshot::with_index(NOW_NS, vec![orphan], vec![], vec![], memory.take_index());
         next.former_owners.insert(7, former.clone());
