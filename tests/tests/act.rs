@@ -9,7 +9,7 @@ use std::{
 use observer_tests::{
     Agent, Server, as_u64, is_event_for,
     netns::{NetPair, SERVER_IP},
-    remote_of, run_observer, start_agent,
+    remote_of, run_observer, stalls, start_agent,
 };
 use serde_json::Value;
 
@@ -322,10 +322,11 @@ fn policy_dry_run_reports_each_connection_once_and_changes_nothing() {
 fn both_modes_end_a_connect_that_gets_no_answer_and_the_caller_sees_it_fail() {
     // destroy aborts the attempt; shutdown, on the caller's own fd, disconnects it.
     for (mode, errno) in [("destroy", ECONNABORTED), ("shutdown", libc::ECONNRESET as u64)] {
-        let (users, _filler) = observer_tests::stalls::full_listener(600_000);
+        let go = stalls::go_file();
+        let (users, _filler) = stalls::full_listener(600_000, &go);
         let flags = ["--action", mode, "--action-on", "connect_stalled", "--connect-timeout", "1s"];
         let (mut caller, pid, mut agent, connecting) =
-            observer_tests::stalls::watched_client(None, &[users.addr], &flags);
+            stalls::watched_client(None, &[users.addr], &flags, &go);
         let remote = users.addr.to_string();
         let action = agent.wait_for("action", DEADLINE, |v| v["event"] == "action");
         assert_eq!(
@@ -355,7 +356,7 @@ fn an_orphan_that_cannot_close_is_destroyed_and_shutdown_says_it_has_no_fd() {
     };
     let mut shutting = acting("shutdown", "0s");
     let mut destroying = acting("destroy", "1s");
-    let stuck = observer_tests::stalls::non_reader(server.addr);
+    let stuck = stalls::non_reader(server.addr);
     let accepted = server.accepted(&stuck);
     server.scenario.wait_for("closed", |v| v["event"] == "closed" && v["fd"] == accepted["fd"]);
     let remote = remote_of(&stuck);

@@ -6,7 +6,7 @@ use std::{io::Read, net::TcpStream, time::Duration};
 use observer_tests::{
     Agent, Server, as_u64,
     netns::{NetPair, SERVER_IP},
-    stalls::{full_listener, non_reader, watched_client},
+    stalls::{full_listener, go_file, non_reader, watched_client},
     start_agent,
 };
 use serde_json::Value;
@@ -56,10 +56,12 @@ fn assert_stalled_connect(alert: &Value, pid: u32, connecting: &Value) {
 fn connect_to_a_listener_whose_queue_is_full_stalls_and_one_answered_in_time_does_not() {
     // The called service cannot accept (002: "Orders blocks and waits forever"); its twin
     // accepts after 2 s, and the connect completes well within the connect timeout.
-    let (stuck, _filler) = full_listener(600_000);
-    let (slow, _slow_filler) = full_listener(2000);
+    let go = go_file();
+    let (stuck, _filler) = full_listener(600_000, &go);
+    let (slow, _slow_filler) = full_listener(2000, &go);
+    let targets = [stuck.addr, slow.addr];
     let (mut caller, pid, mut agent, connecting) =
-        watched_client(None, &[stuck.addr, slow.addr], &["--stats-interval", "200ms"]);
+        watched_client(None, &targets, &["--stats-interval", "200ms"], &go);
 
     let remote = stuck.addr.to_string();
     let alert = wait_event(&mut agent, "alert", "connect_stalled", "remote", &remote);
@@ -87,7 +89,7 @@ fn connect_to_a_host_that_drops_syns_stalls_until_they_get_through() {
     net.drop_syns_to(flaky.addr.port());
     let targets = [dropping.addr, flaky.addr];
     let (mut caller, pid, mut agent, connecting) =
-        watched_client(Some(&net.client), &targets, &["--stats-interval", "200ms"]);
+        watched_client(Some(&net.client), &targets, &["--stats-interval", "200ms"], &go_file());
     // Two seconds of dropped SYNs is the healthy twin's whole scenario.
     std::thread::sleep(Duration::from_secs(2));
     net.allow_syns_to(flaky.addr.port());

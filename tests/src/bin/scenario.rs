@@ -51,6 +51,10 @@ struct ServerArgs {
     /// Wait this long before accepting anything (a stalled accept loop).
     #[arg(long, default_value_t = 0)]
     accept_delay_ms: u64,
+    /// Start that wait only once this file exists (listening already), to time it against a
+    /// client started by the same file.
+    #[arg(long)]
+    go_file: Option<std::path::PathBuf>,
     /// Lower RLIMIT_NOFILE to this (fd exhaustion).
     #[arg(long)]
     nofile: Option<u64>,
@@ -161,6 +165,7 @@ fn thread_per_connection(args: &ServerArgs) {
         "local": listener.local_addr().unwrap().to_string(),
         "fd": listener.as_raw_fd(),
     }));
+    wait_for_file(args.go_file.as_deref());
     std::thread::sleep(Duration::from_millis(args.accept_delay_ms));
     let mut n = 0;
     let mut failures = 0u64;
@@ -333,13 +338,15 @@ fn write_what_fits(conn: &mut TcpStream, bytes: usize) -> std::io::Result<usize>
     Ok(written)
 }
 
+fn wait_for_file(path: Option<&std::path::Path>) {
+    while path.is_some_and(|p| !p.exists()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn client(args: &ClientArgs) {
     report(json!({ "event": "started", "pid": std::process::id() }));
-    if let Some(go) = &args.go_file {
-        while !go.exists() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+    wait_for_file(args.go_file.as_deref());
     let callers: Vec<_> = args
         .connect
         .iter()
