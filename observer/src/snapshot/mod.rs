@@ -101,8 +101,8 @@ impl Snapshot {
         Snapshot::with_index(taken_ns, sockets, processes, resets, FastMap::default())
     }
 
-    /// Like [`Self::new`], building the cookie index in `index` (a previous snapshot's, emptied
-    /// here): at 100k sockets it is then neither reallocated nor faulted in again.
+    /// A snapshot of `sockets`, its cookie index built in `index` (a previous snapshot's, emptied
+    /// here): at 100k sockets the index is then neither reallocated nor faulted in again.
     pub fn with_index(
         taken_ns: u64,
         sockets: Vec<SocketView>,
