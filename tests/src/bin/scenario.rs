@@ -21,8 +21,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Scenario {
     /// A thread-per-connection server, the kind that leaks a thread per stuck client. Prints
-    /// `listening`, then `accepted` (with the worker's fd and tid) and `closed` per connection,
-    /// and `accept_failed` when accept() fails.
+    /// `listening`, then `accepted` (with the worker's fd and tid) and `closed` per connection
+    /// (`response_written` before it in large-response mode), and `accept_failed` when accept()
+    /// fails.
     ThreadPerConnection(ServerArgs),
     /// A client that calls other services the way a careless server does: a blocking connect()
     /// with no timeout, one thread per address. Prints `connecting` (fd, tid) before the call,
