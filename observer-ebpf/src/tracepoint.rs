@@ -68,10 +68,18 @@ fn try_state<S: Store>(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // A socket going to CLOSE is about to be destroyed (or already reset): update it, but do not
     // start tracking it now. When specific processes are watched, state changes (often in
     // softirq, with no owner in sight) only update sockets those processes already used, so the
-    // records are their sockets'. Otherwise every transition is tracked, so CLOSE_WAIT and the
-    // like have an exact entry time. SCTP and MPTCP use this tracepoint too: TCP is checked.
-    let entry = if new_state == TcpState::Close as u32 || filter::filtering_pids() {
+    // records are their sockets'; but connect() runs in the calling thread, so a watched
+    // process's connection attempt is tracked from its SYN (an exact connect time). Otherwise
+    // every transition is tracked, so CLOSE_WAIT and the like have an exact entry time. SCTP
+    // and MPTCP use this tracepoint too: TCP is checked.
+    let entry = if new_state == TcpState::Close as u32 {
         S::existing(sk, cookie)
+    } else if filter::filtering_pids() {
+        if new_state == TcpState::SynSent as u32 && filter::watched_current().is_some() {
+            S::entry(sk, cookie, Known::Unchecked)
+        } else {
+            S::existing(sk, cookie)
+        }
     } else {
         S::entry(sk, cookie, Known::Unchecked)
     };

@@ -254,7 +254,8 @@ pub struct WatchArgs {
     pub action: Option<Mode>,
 
     /// Reasons to act on, comma-separated: idle, slow_transfer, blocked_send, retransmitting,
-    /// close_wait, keepalive_missing. Example: --action-on idle,slow_transfer
+    /// close_wait, keepalive_missing, connect_stalled, closing_stalled (an orphan, closed by its
+    /// application, has no fd left: only destroy ends it). Example: --action-on idle,slow_transfer
     #[arg(long, value_name = "REASONS", value_delimiter = ',', value_parser = actionable_reason,
           requires = "action", env = "OBSERVER_ACTION_ON")]
     pub action_on: Vec<Reason>,
@@ -450,7 +451,10 @@ fn probe_choice() -> impl TypedValueParser<Value = ProbeChoice> {
 fn actionable_reason(text: &str) -> Result<Reason, String> {
     let reason: Reason = text.trim().parse()?;
     match reason {
-        Reason::AcceptQueueOverflow | Reason::ResetUnread | Reason::FdPressure => Err(format!(
+        Reason::AcceptQueueOverflow
+        | Reason::ResetUnread
+        | Reason::FdPressure
+        | Reason::AcceptSpinning => Err(format!(
             "{reason} cannot be acted on: it is not a live connection observer may end"
         )),
         _ => Ok(reason),
@@ -526,7 +530,10 @@ mod tests {
                 "--action-on",
                 "accept_queue_overflow",
             ],
+            vec!["observer", "watch", "--action", "destroy", "--action-on", "accept_spinning"],
             vec!["observer", "watch", "--action", "destroy", "--action-on", "idel"],
+            vec!["observer", "watch", "--spin-cpu", "0"],
+            vec!["observer", "watch", "--connect-timeout", "0s"],
             vec!["observer", "kill", "--pid", "1"],
             vec!["observer", "kill", "--pid", "1", "--local", "127.0.0.1:1"],
             vec!["observer", "kill", "--pid", "1", "--cookie", "5", "--mode", "nuke"],
@@ -563,13 +570,16 @@ mod tests {
             "--action",
             "shutdown",
             "--action-on",
-            "idle,close_wait",
+            "idle,close_wait,connect_stalled,closing_stalled",
             "--dry-run",
         ])
         .unwrap();
         let Command::Watch(w) = cli.command else { panic!("not watch") };
         assert_eq!(w.action, Some(Mode::Shutdown));
-        assert_eq!(w.action_on, vec![Reason::Idle, Reason::CloseWait]);
+        assert_eq!(
+            w.action_on,
+            vec![Reason::Idle, Reason::CloseWait, Reason::ConnectStalled, Reason::ClosingStalled]
+        );
         assert!(w.dry_run);
         assert_eq!(w.max_actions_per_minute, 10);
     }

@@ -18,6 +18,9 @@
 //! - *cookie*: the kernel's 64-bit socket id, unique since boot; sock_diag and the probes both
 //!   know a socket by it, so it is the join key and what acting on a socket is checked against.
 //! - *owner*: the process and fd that hold a socket (from /proc/PID/fd).
+//! - *orphan*: a connection its application closed that the kernel is still closing (unsent data,
+//!   an unacknowledged FIN): no fd, no owner. Its *former owner* is the process the agent saw
+//!   holding it or moving data through it, never a guess.
 //! - *finding*: one rule's verdict on one socket or process in one poll; an *alert* is a finding
 //!   that began, reported once, and *cleared* once when it ends.
 //! - *thread syscall* / *thread TCP call*: what the probes record of a thread inside a socket

@@ -2,6 +2,7 @@
 //! programs, and waits (with deadlines, never fixed sleeps) for the JSON lines they print.
 pub mod netns;
 pub mod podman;
+pub mod stalls;
 pub mod tmux;
 
 use std::{

@@ -95,6 +95,25 @@ impl NetPair {
     pub fn restore_client_traffic(&self) {
         nft(&self.client, "delete table inet vanish");
     }
+
+    /// From now on the server side silently drops connection requests (SYNs) to `port`, as a
+    /// host behind a firewall that drops, or under a SYN flood, does: a client's connect() to
+    /// it retries its SYN for minutes.
+    pub fn drop_syns_to(&self, port: u16) {
+        nft(
+            &self.server,
+            &format!(
+                "table inet syndrop{port} {{\n  chain input {{\n    type filter hook input \
+                 priority 0; policy accept;\n    tcp dport {port} tcp flags & (syn | ack) == syn \
+                 drop\n  }}\n}}\n"
+            ),
+        );
+    }
+
+    /// Undoes [`Self::drop_syns_to`]: the next SYN retransmission gets through.
+    pub fn allow_syns_to(&self, port: u16) {
+        nft(&self.server, &format!("delete table inet syndrop{port}"));
+    }
 }
 
 impl Drop for NetPair {

@@ -9,7 +9,7 @@ use std::{
 use observer_tests::{
     Agent, Server, as_u64, is_event_for,
     netns::{NetPair, SERVER_IP},
-    remote_of, run_observer, start_agent,
+    remote_of, run_observer, stalls, start_agent,
 };
 use serde_json::Value;
 
@@ -316,4 +316,65 @@ fn policy_dry_run_reports_each_connection_once_and_changes_nothing() {
     assert_eq!(count, 2, "each connection reported once");
     still_echoes(&mut a);
     still_echoes(&mut b);
+}
+
+#[test]
+fn both_modes_end_a_connect_that_gets_no_answer_and_the_caller_sees_it_fail() {
+    // destroy aborts the attempt; shutdown, on the caller's own fd, disconnects it.
+    for (mode, errno) in [("destroy", ECONNABORTED), ("shutdown", libc::ECONNRESET as u64)] {
+        let go = stalls::go_file();
+        let (users, _filler) = stalls::full_listener(600_000, &go);
+        let flags = ["--action", mode, "--action-on", "connect_stalled", "--connect-timeout", "1s"];
+        let (mut caller, pid, mut agent, connecting) =
+            stalls::watched_client(None, &[users.addr], &flags, &go);
+        let remote = users.addr.to_string();
+        let action = agent.wait_for("action", DEADLINE, |v| v["event"] == "action");
+        assert_eq!(
+            (action["result"].as_str(), action["reason"].as_str(), action["state"].as_str()),
+            (Some("ok"), Some("connect_stalled"), Some("SYN_SENT")),
+            "{action}"
+        );
+        assert_eq!(as_u64(&action["pid"]), u64::from(pid), "{action}");
+        assert_eq!(action["fd"], connecting[0]["fd"], "{action}");
+        // The thread blocked in connect() is released.
+        let failed = caller.wait_for("connect failed", |v| {
+            v["event"] == "connect_failed" && v["remote"] == remote
+        });
+        assert_eq!(as_u64(&failed["errno"]), errno, "{mode}: {failed}");
+    }
+}
+
+#[test]
+fn an_orphan_that_cannot_close_is_destroyed_and_shutdown_says_it_has_no_fd() {
+    let mut server = Server::start(&["--mode", "large-response"]);
+    // Both agents watch from before the connection: one shuts down at once, one destroys later.
+    let acting = |mode, after| {
+        let flags = ["--action", mode, "--action-on", "closing_stalled", "--action-after", after];
+        let mut flags = flags.to_vec();
+        flags.extend(["--closing-timeout", "1s"]);
+        start_agent(&[server.pid], &flags)
+    };
+    let mut shutting = acting("shutdown", "0s");
+    let mut destroying = acting("destroy", "1s");
+    let stuck = stalls::non_reader(server.addr);
+    let accepted = server.accepted(&stuck);
+    server.scenario.wait_for("closed", |v| v["event"] == "closed" && v["fd"] == accepted["fd"]);
+    let remote = remote_of(&stuck);
+
+    // shutdown needs the holder's fd, and the application closed it: it says so.
+    let refused = shutting.wait_for("action", DEADLINE, |v| v["event"] == "action");
+    assert_eq!(refused["result"], "unsupported", "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("orphan"), "{refused}");
+    assert_eq!((refused["remote"].as_str(), refused["fd"].is_null()), (Some(&*remote), true));
+
+    // destroy needs none: the socket is gone, with its buffers.
+    let done = destroying.wait_for("action", DEADLINE, |v| v["event"] == "action");
+    assert_eq!((done["result"].as_str(), done["remote"].as_str()), (Some("ok"), Some(&*remote)));
+    assert_eq!(as_u64(&done["pid"]), u64::from(server.pid), "named by its former holder: {done}");
+    for agent in [&mut destroying, &mut shutting] {
+        let clear = agent.wait_for("cleared", DEADLINE, |v| {
+            is_event_for(v, "alert_cleared", "closing_stalled", &remote)
+        });
+        assert_eq!(clear["why"], "socket_closed", "{clear}");
+    }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use observer_common::{TcpState, TcpStates};
 
-use super::{ActResult, Mode, Outcome, SocketRef};
+use super::{ActResult, Holder, Mode, Outcome, SocketRef};
 use crate::{
     kernel::{
         netns,
@@ -128,8 +128,7 @@ fn resolve(request: &Request) -> Result<Resolved, Box<Refused>> {
         return Err(refuse(Some(identity), Outcome::Failed, msg));
     }
     let target = SocketRef {
-        pid,
-        fd: owner.fd,
+        holder: Some(Holder { pid, fd: owner.fd }),
         cookie: socket.cookie,
         local: socket.local.addr(),
         remote: socket.remote.addr(),

@@ -115,11 +115,18 @@ impl ActResult {
     }
 }
 
+/// The process and fd that hold a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub fd: i32,
+}
+
 /// Exactly which socket to end: every key it must still match when acted on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketRef {
-    pub pid: u32,
-    pub fd: i32,
+    /// `None` for an orphan: its application closed it, and no fd is left.
+    pub holder: Option<Holder>,
     pub cookie: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -174,7 +181,14 @@ pub fn destroy_error(e: &io::Error) -> ActResult {
 }
 
 fn shutdown(target: &SocketRef, dry_run: bool) -> ActResult {
-    let duplicate = match duplicate_fd(target.pid, target.fd) {
+    let Some(Holder { pid, fd }) = target.holder else {
+        return ActResult::fail(
+            Outcome::Unsupported,
+            "the socket is an orphan: its application already closed it, so no fd is left to \
+             shut down; only destroy can end it (--action destroy)",
+        );
+    };
+    let duplicate = match duplicate_fd(pid, fd) {
         Ok(fd) => fd,
         Err(result) => return result,
     };
@@ -185,10 +199,7 @@ fn shutdown(target: &SocketRef, dry_run: bool) -> ActResult {
         Ok(_) | Err(_) => {
             return ActResult::fail(
                 Outcome::AlreadyGone,
-                format!(
-                    "fd {} of pid {} is no longer that socket; nothing was touched",
-                    target.fd, target.pid
-                ),
+                format!("fd {fd} of pid {pid} is no longer that socket; nothing was touched"),
             );
         }
     }
@@ -333,8 +344,7 @@ mod tests {
         let (server, _) = listener.accept().unwrap();
         let cookie = crate::kernel::socket_cookie(&server).unwrap();
         let target = SocketRef {
-            pid: std::process::id(),
-            fd: server.as_raw_fd(),
+            holder: Some(Holder { pid: std::process::id(), fd: server.as_raw_fd() }),
             cookie,
             local: server.local_addr().unwrap(),
             remote: server.peer_addr().unwrap(),
@@ -350,5 +360,9 @@ mod tests {
         assert_eq!(shutdown(&target, false), ActResult::ok());
         client.set_nonblocking(false).unwrap();
         assert_eq!(std::io::Read::read(&mut &client, &mut buf).unwrap(), 0, "the peer saw a FIN");
+        let orphan = SocketRef { holder: None, ..target };
+        let refused = shutdown(&orphan, false);
+        assert_eq!(refused.outcome, Outcome::Unsupported);
+        assert!(refused.error.unwrap().contains("orphan"), "says why, and what works");
     }
 }

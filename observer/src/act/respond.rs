@@ -5,7 +5,7 @@
 //! ([`Responder::perform`]) is handed the sock_diag socket of the connection's namespace.
 use observer_common::TcpState;
 
-use super::{ActResult, Mode, Outcome, RateLimit, SocketRef};
+use super::{ActResult, Holder, Mode, Outcome, RateLimit, SocketRef};
 use crate::{
     alerts::AlertBook,
     detect::{Reason, Target},
@@ -88,8 +88,10 @@ impl Responder {
             }
             // Act only on what this poll saw: the socket, its addresses and its holder, fresh.
             let Some(socket) = snapshot.find(cookie) else { continue };
-            let Some(owner) = &socket.owner else { continue };
-            if socket.diag.state == TcpState::Listen {
+            // A socket nobody holds is acted on only as an orphan that cannot finish closing
+            // (SOCK_DESTROY needs no fd); one not yet accepted belongs to no one yet.
+            let holder = socket.owner.as_ref().map(|o| Holder { pid: o.pid, fd: o.fd });
+            if (holder.is_none() && !socket.is_orphan()) || socket.diag.state == TcpState::Listen {
                 continue;
             }
             if !self.limit.try_take(now) {
@@ -99,15 +101,14 @@ impl Responder {
             self.acted.insert(cookie);
             due.push(Due {
                 socket: SocketRef {
-                    pid: owner.pid,
-                    fd: owner.fd,
+                    holder,
                     cookie,
                     local: socket.local(),
                     remote: socket.remote(),
                     interface: socket.diag.interface,
                 },
                 netns: socket.netns,
-                identity: Identity::of_socket(socket),
+                identity: snapshot.identity_of(socket),
                 reason,
             });
         }
@@ -194,7 +195,10 @@ mod tests {
         let ripe = clocked.poll(NOW_NS + 5 * S, vec![idle(1)]);
         let due = responder.due(&clocked.book, &ripe);
         assert_eq!(cookies(&due), vec![1]);
-        assert_eq!((due[0].socket.pid, due[0].socket.fd, due[0].reason), (42, 4, Reason::Idle));
+        assert_eq!(
+            (due[0].socket.holder, due[0].reason),
+            (Some(Holder { pid: 42, fd: 4 }), Reason::Idle)
+        );
         let later = clocked.poll(NOW_NS + 6 * S, vec![idle(1)]);
         assert!(responder.due(&clocked.book, &later).is_empty(), "once per connection");
     }
@@ -232,5 +236,32 @@ mod tests {
         (listener.diag.rqueue, listener.diag.wqueue) = (5, 1);
         let snapshot = clocked.poll(NOW_NS + S, vec![listener]);
         assert!(responder.due(&clocked.book, &snapshot).is_empty(), "never a listener");
+    }
+
+    #[test]
+    fn an_orphan_that_cannot_close_is_due_without_a_holder_and_named_by_its_former_owner() {
+        let mut detector = Detector::new(Default::default(), KernelSettings::default());
+        let mut book = AlertBook::default();
+        let mut responder =
+            Responder::new(Mode::Destroy, vec![Reason::ClosingStalled], Duration::ZERO, 10, false);
+        let orphan = |unheld: bool| {
+            let mut s = socket(1, TcpState::FinWait1, 0, 0);
+            s.diag.wqueue = 1;
+            if unheld {
+                (s.owner, s.diag.inode) = (None, 0);
+            }
+            s
+        };
+        let mut due = vec![];
+        for t in [0, 61] {
+            let mut snapshot = Snapshot::new(NOW_NS + t * S, vec![orphan(t > 0)], vec![], vec![]);
+            let former = crate::snapshot::FormerOwner { pid: 42, comm: Some("server".into()) };
+            snapshot.former_owners.insert(1, former);
+            book.update(&snapshot, &detector.observe(&snapshot));
+            due = responder.due(&book, &snapshot);
+        }
+        assert_eq!(cookies(&due), vec![1]);
+        assert_eq!(due[0].socket.holder, None, "no fd is left");
+        assert_eq!((due[0].identity.pid, due[0].identity.fd), (Some(42), None));
     }
 }

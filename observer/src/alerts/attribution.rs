@@ -2,7 +2,7 @@
 //! long, when the probes timed the call), or failing that, the one that last moved data on it.
 use std::collections::HashMap;
 
-use observer_common::{Direction, ThreadSyscall, ThreadTcpCall};
+use observer_common::{Direction, TcpState, ThreadSyscall, ThreadTcpCall};
 use serde::Serialize;
 
 use crate::{
@@ -73,7 +73,14 @@ pub fn attribute(
                     Direction::Send => "tcp_sendmsg",
                     Direction::Recv => "tcp_recvmsg",
                 }))?;
-            let timed = syscall.map(|c| c.enter_ns).or(kernel.map(|c| c.enter_ns));
+            // A thread blocked in connect() on a socket still in SYN_SENT entered it when the
+            // SYN went out: the probes' exact state time is its time in the call.
+            let connecting = (blocked_in == "connect")
+                .then_some(probed.activity)
+                .flatten()
+                .filter(|a| a.state == TcpState::SynSent as u32 && a.state_since_ns != 0)
+                .map(|a| a.state_since_ns);
+            let timed = syscall.map(|c| c.enter_ns).or(kernel.map(|c| c.enter_ns)).or(connecting);
             // Only for a thread /proc shows waiting on this very fd: then its last sleep is
             // this wait (or, if it was woken meanwhile, the latest part of it).
             let slept = seen.and(probed.sleeps.get(&t.tid).copied()).filter(|&at| at != 0);
@@ -367,6 +374,28 @@ mod tests {
             (got[0].tid, got[0].blocked_in, got[0].blocked_ms),
             (101, Some("tcp_sendmsg"), Some(3000))
         );
+    }
+
+    #[test]
+    fn a_thread_blocked_in_connect_is_timed_from_the_syn() {
+        let threads = [thread(101, "caller", Some(("connect", 7)))];
+        let syn_sent = Activity {
+            state: TcpState::SynSent as u32,
+            state_since_ns: 2_000_000_000,
+            ..Default::default()
+        };
+        let (none, no_calls) = (HashMap::new(), HashMap::new());
+        let got = attribute(
+            &owner(),
+            1,
+            &threads,
+            &probed(&none, &no_calls, Some(&syn_sent)),
+            9e9 as u64,
+        );
+        assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("connect"), Some(7000)));
+        // Without the probes' state time (a connect begun before the agent), no time is guessed.
+        let got = attribute(&owner(), 1, &threads, &probed(&none, &no_calls, None), 9e9 as u64);
+        assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("connect"), None));
     }
 
     #[test]

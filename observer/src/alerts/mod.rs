@@ -2,6 +2,7 @@
 //! reason, stays quiet while the condition holds, and is cleared once when it ends.
 pub mod attribution;
 
+use observer_common::TcpState;
 use serde::Serialize;
 
 use crate::{
@@ -76,7 +77,7 @@ impl AlertBook {
         let cleared = ended
             .into_iter()
             .map(|((target, reason), a)| {
-                let why = why_cleared(snapshot, target, &a.identity);
+                let why = why_cleared(snapshot, target, reason, &a.identity);
                 Cleared { identity: a.identity, reason, why }
             })
             .collect();
@@ -102,10 +103,21 @@ impl AlertBook {
     }
 }
 
-fn why_cleared(snapshot: &Snapshot, target: Target, raised_as: &Identity) -> ClearWhy {
+fn why_cleared(
+    snapshot: &Snapshot,
+    target: Target,
+    reason: Reason,
+    raised_as: &Identity,
+) -> ClearWhy {
     match target {
         Target::Socket(cookie) => match snapshot.find(cookie) {
             Some(now) if Identity::of_socket(now).state == raised_as.state => {
+                ClearWhy::ActivityResumed
+            }
+            // A stalled connect that completed: the condition ended, the connection lives on.
+            Some(now)
+                if reason == Reason::ConnectStalled && now.diag.state == TcpState::Established =>
+            {
                 ClearWhy::ActivityResumed
             }
             _ => ClearWhy::SocketClosed,
@@ -120,7 +132,6 @@ fn why_cleared(snapshot: &Snapshot, target: Target, raised_as: &Identity) -> Cle
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_common::TcpState;
 
     use crate::{
         detect::{Detector, KernelSettings, policy::idle_after},
@@ -174,6 +185,18 @@ mod tests {
             cleared,
             vec![(Some(1), ClearWhy::SocketClosed), (Some(2), ClearWhy::SocketClosed)]
         );
+    }
+
+    #[test]
+    fn a_stalled_connect_that_completes_clears_as_resumed() {
+        let (mut book, mut det) = (AlertBook::default(), detector());
+        let s: u64 = 1_000_000_000;
+        let at =
+            |t, state| Snapshot::new(NOW_NS + t * s, vec![socket(1, state, 0, 0)], vec![], vec![]);
+        assert!(poll(&mut book, &mut det, &at(0, TcpState::SynSent)).0.is_empty());
+        assert_eq!(poll(&mut book, &mut det, &at(6, TcpState::SynSent)).0, vec![Target::Socket(1)]);
+        let (_, cleared) = poll(&mut book, &mut det, &at(7, TcpState::Established));
+        assert_eq!(cleared, vec![(Some(1), ClearWhy::ActivityResumed)]);
     }
 
     #[test]

@@ -191,14 +191,20 @@ fn checkpoint(socket: &SocketView, now_ns: u64) -> Checkpoint {
 pub struct ProcessHistory {
     accept_errors: u64,
     pub last_accept_error_ns: Option<u64>,
+    /// CPU time used and the snapshot time of the last poll that read it.
+    cpu_sample: Option<(u64, u64)>,
+    /// CPUs used between the last two polls that read the CPU time (1.0: one whole CPU).
+    pub cpu: Option<f64>,
     pub generation: u32,
 }
 
 impl ProcessHistory {
-    pub fn new(process: &ProcessView, generation: u32) -> Self {
+    pub fn new(process: &ProcessView, now_ns: u64, generation: u32) -> Self {
         ProcessHistory {
             accept_errors: process.accept_errors.unwrap_or(0),
             last_accept_error_ns: None,
+            cpu_sample: process.cpu_ns.map(|cpu| (cpu, now_ns)),
+            cpu: None,
             generation,
         }
     }
@@ -210,6 +216,15 @@ impl ProcessHistory {
             self.last_accept_error_ns = Some(now_ns);
         }
         self.accept_errors = errors;
+        // A rate needs two readings: the CPU time is read only while the process is near its fd
+        // limit, so a gap in readings starts over.
+        self.cpu = match (self.cpu_sample, process.cpu_ns) {
+            (Some((before, then)), Some(now_cpu)) if now_ns > then => {
+                Some(now_cpu.saturating_sub(before) as f64 / (now_ns - then) as f64)
+            }
+            _ => None,
+        };
+        self.cpu_sample = process.cpu_ns.map(|cpu| (cpu, now_ns));
     }
 }
 
@@ -268,6 +283,21 @@ mod tests {
         assert_eq!(w.received, w.span_ms / 100, "10 bytes a second over the span");
         assert!(w.received_early && !w.acked_early);
         assert!(h.checkpoint_count as usize <= CHECKPOINTS);
+    }
+
+    #[test]
+    fn cpu_share_is_measured_between_two_readings() {
+        let p = |cpu_ns| ProcessView { cpu_ns, ..ProcessView::default() };
+        let mut h = ProcessHistory::new(&p(Some(10 * S)), NOW_NS, 1);
+        assert_eq!(h.cpu, None, "one reading is no rate");
+        h.update(&p(Some(10 * S + S / 2)), NOW_NS + S, 2);
+        assert_eq!(h.cpu, Some(0.5));
+        h.update(&p(None), NOW_NS + 2 * S, 3);
+        assert_eq!(h.cpu, None, "not read this poll");
+        h.update(&p(Some(20 * S)), NOW_NS + 3 * S, 4);
+        assert_eq!(h.cpu, None, "a gap starts over");
+        h.update(&p(Some(22 * S)), NOW_NS + 4 * S, 5);
+        assert_eq!(h.cpu, Some(2.0), "two threads spinning");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Detection: from each poll's snapshot to findings ("this socket is stuck, and why"). Pure
 //! logic over snapshots; the only state is what the rules need to remember between polls, and
 //! the only clock is the snapshot's.
+mod facts;
 mod history;
 pub mod policy;
 pub mod reason;
@@ -50,7 +51,7 @@ impl Finding {
     pub fn identity(&self, snapshot: &Snapshot) -> Identity {
         match (self.target, &self.facts) {
             (Target::Socket(cookie), facts) => match snapshot.find(cookie) {
-                Some(socket) => Identity::of_socket(socket),
+                Some(socket) => snapshot.identity_of(socket),
                 // A reset's socket may already be gone: the probes said what it was.
                 None => match facts {
                     Facts::ResetUnread(reset) => Identity::of_reset(reset),
@@ -99,7 +100,7 @@ impl Detector {
         let mut findings = Vec::new();
 
         for socket in &snapshot.sockets {
-            let applied = self.policy.apply(&subject_of(socket));
+            let applied = self.policy.apply(&subject_of(snapshot, socket));
             let window_ns = rules::rate_window_ns(&applied.thresholds);
             let history = self
                 .sockets
@@ -127,15 +128,20 @@ impl Detector {
                 .processes
                 .entry(process.pid)
                 .and_modify(|h| h.update(process, now, generation))
-                .or_insert_with(|| ProcessHistory::new(process, generation));
+                .or_insert_with(|| ProcessHistory::new(process, now, generation));
             let subject =
                 Subject { pid: Some(process.pid), comm: Some(&process.comm), ..Default::default() };
             let applied = self.policy.apply(&subject);
-            if let Some(facts) = rules::fd_pressure(process, history, now, &applied.thresholds)
-                .filter(|f| !applied.ignored.contains(f.reason()))
-            {
-                let rule = applied.rule.cloned();
-                findings.push(Finding { target: Target::Process(process.pid), facts, rule });
+            let t = &applied.thresholds;
+            let verdicts = [
+                rules::fd_pressure(process, history, now, t),
+                rules::accept_spinning(process, history, t),
+            ];
+            for facts in verdicts.into_iter().flatten() {
+                if !applied.ignored.contains(facts.reason()) {
+                    let rule = applied.rule.cloned();
+                    findings.push(Finding { target: Target::Process(process.pid), facts, rule });
+                }
             }
         }
         self.processes.retain(|_, h| h.generation == generation);
@@ -171,13 +177,21 @@ impl Detector {
     }
 }
 
-/// What policy rules match a socket against.
-fn subject_of(socket: &SocketView) -> Subject<'_> {
+/// What policy rules match a socket against: its holder, or for an orphan the process that
+/// held it.
+fn subject_of<'a>(snapshot: &'a Snapshot, socket: &'a SocketView) -> Subject<'a> {
+    let (pid, comm) = match &socket.owner {
+        Some(o) => (Some(o.pid), Some(&*o.comm)),
+        None => match snapshot.former_owners.get(&socket.cookie()) {
+            Some(f) => (Some(f.pid), f.comm.as_deref()),
+            None => (None, None),
+        },
+    };
     Subject {
         local_port: Some(socket.local().port()),
         remote_ip: Some(socket.remote().ip()),
-        pid: socket.owner.as_ref().map(|o| o.pid),
-        comm: socket.owner.as_ref().map(|o| &*o.comm),
+        pid,
+        comm,
     }
 }
 

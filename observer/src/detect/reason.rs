@@ -26,10 +26,16 @@ pub enum Reason {
     KeepaliveMissing,
     /// The process is running out of file descriptors.
     FdPressure,
+    /// A watched process's connect() gets no answer: its thread waits through SYN retries.
+    ConnectStalled,
+    /// A closed or shut-down connection cannot finish closing (FIN_WAIT1/2, LAST_ACK, CLOSING).
+    ClosingStalled,
+    /// At its fd limit with connections waiting, the accept loop retries EMFILE at full speed.
+    AcceptSpinning,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Idle,
         Reason::SlowTransfer,
         Reason::BlockedSend,
@@ -39,6 +45,9 @@ impl Reason {
         Reason::ResetUnread,
         Reason::KeepaliveMissing,
         Reason::FdPressure,
+        Reason::ConnectStalled,
+        Reason::ClosingStalled,
+        Reason::AcceptSpinning,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +61,9 @@ impl Reason {
             Reason::ResetUnread => "reset_unread",
             Reason::KeepaliveMissing => "keepalive_missing",
             Reason::FdPressure => "fd_pressure",
+            Reason::ConnectStalled => "connect_stalled",
+            Reason::ClosingStalled => "closing_stalled",
+            Reason::AcceptSpinning => "accept_spinning",
         }
     }
 }

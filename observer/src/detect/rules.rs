@@ -3,13 +3,11 @@
 //!
 //! Rules run for every socket every poll, so a verdict is a small value ([`Facts`]); the words
 //! and the JSON numbers are rendered only when an alert is actually raised.
-use serde_json::{Map, Value, json};
+use observer_common::TcpState;
 
-use observer_common::{Direction, TcpState};
-
+pub use super::facts::{Closing, Facts};
 use super::{
     history::{ProcessHistory, SocketHistory},
-    reason::Reason,
     thresholds::Thresholds,
 };
 use crate::snapshot::{ProcessView, ResetView, SocketView};
@@ -30,252 +28,6 @@ pub struct KernelSettings {
 impl Default for KernelSettings {
     fn default() -> Self {
         KernelSettings { tcp_retries2: 15 }
-    }
-}
-
-/// One rule's verdict, with the numbers that back it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Facts {
-    Idle {
-        idle_ms: u64,
-        timeout_ms: u64,
-        unread: u32,
-    },
-    SlowTransfer {
-        receiving: bool,
-        bytes: u64,
-        window_ms: u64,
-        rate: f64,
-        min_rate: f64,
-    },
-    BlockedSend {
-        stalled_ms: u64,
-        queued: u32,
-        unsent: u32,
-        peer_window: u32,
-        probes: u8,
-    },
-    Retransmitting {
-        stalled_ms: u64,
-        in_a_row: u8,
-        unacked: u32,
-        rto_ms: u32,
-        give_up_ms: u64,
-        retries2: u32,
-    },
-    CloseWait {
-        close_wait_ms: u64,
-        unread: u32,
-    },
-    AcceptQueueOverflow {
-        full: bool,
-        queued: u32,
-        limit: u32,
-        dropped: u32,
-    },
-    KeepaliveMissing {
-        silent_ms: u64,
-        keepalive: bool,
-        next_probe_ms: u32,
-        limit_ms: u64,
-    },
-    FdPressure {
-        failing: bool,
-        used: u32,
-        limit: Option<u64>,
-        accept_errors: Option<u64>,
-        threshold: f64,
-    },
-    ResetUnread(Box<ResetView>),
-}
-
-fn secs(ms: u64) -> String {
-    format!("{:.1}s", ms as f64 / 1000.0)
-}
-
-fn object(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
-}
-
-impl Facts {
-    pub fn reason(&self) -> Reason {
-        match self {
-            Facts::Idle { .. } => Reason::Idle,
-            Facts::SlowTransfer { .. } => Reason::SlowTransfer,
-            Facts::BlockedSend { .. } => Reason::BlockedSend,
-            Facts::Retransmitting { .. } => Reason::Retransmitting,
-            Facts::CloseWait { .. } => Reason::CloseWait,
-            Facts::AcceptQueueOverflow { .. } => Reason::AcceptQueueOverflow,
-            Facts::KeepaliveMissing { .. } => Reason::KeepaliveMissing,
-            Facts::FdPressure { .. } => Reason::FdPressure,
-            Facts::ResetUnread(_) => Reason::ResetUnread,
-        }
-    }
-
-    /// The reason-specific numbers of the alert.
-    pub fn metrics(&self) -> Map<String, Value> {
-        object(match self {
-            Facts::Idle { unread, .. } => json!({ "unread_bytes": unread }),
-            Facts::SlowTransfer { receiving, bytes, window_ms, rate, min_rate } => json!({
-                "direction": if *receiving { "receiving" } else { "sending" },
-                "rate_bytes_per_sec": (rate * 10.0).round() / 10.0,
-                "window_bytes": bytes,
-                "window_ms": window_ms,
-                "min_rate_bytes_per_sec": min_rate,
-            }),
-            Facts::BlockedSend { stalled_ms, queued, unsent, peer_window, probes } => json!({
-                "stalled_ms": stalled_ms,
-                "send_queue_bytes": queued,
-                "unsent_bytes": unsent,
-                "peer_window": peer_window,
-                "zero_window_probes": probes,
-            }),
-            Facts::Retransmitting { stalled_ms, in_a_row, unacked, rto_ms, give_up_ms, .. } => {
-                json!({
-                    "stalled_ms": stalled_ms,
-                    "retransmits_in_a_row": in_a_row,
-                    "unacked_segments": unacked,
-                    "rto_ms": rto_ms,
-                    "gives_up_in_ms": give_up_ms.saturating_sub(*stalled_ms),
-                })
-            }
-            Facts::CloseWait { close_wait_ms, unread } => {
-                json!({ "close_wait_ms": close_wait_ms, "unread_bytes": unread })
-            }
-            Facts::AcceptQueueOverflow { queued, limit, dropped, .. } => {
-                json!({ "queue_length": queued, "queue_limit": limit, "dropped": dropped })
-            }
-            Facts::KeepaliveMissing { silent_ms, keepalive, next_probe_ms, limit_ms } => json!({
-                "silent_ms": silent_ms,
-                "keepalive": keepalive,
-                "keepalive_next_probe_ms": keepalive.then_some(next_probe_ms),
-                "middlebox_idle_ms": limit_ms,
-            }),
-            Facts::FdPressure { used, limit, accept_errors, .. } => {
-                json!({ "fds_used": used, "fds_limit": limit, "accept_errors": accept_errors })
-            }
-            Facts::ResetUnread(r) => json!({
-                "direction": match r.direction { Direction::Send => "sent", Direction::Recv => "received" },
-                "unread_bytes": r.unread,
-                "unsent_bytes": r.unsent,
-            }),
-        })
-    }
-
-    /// One sentence for the operator: what is happening and what to do.
-    pub fn detail(&self) -> String {
-        match self {
-            Facts::Idle { idle_ms, timeout_ms, unread } if *unread > 0 => format!(
-                "No data moved for {} (idle timeout {}), and {unread} received bytes sit unread: the \
-                 application has stopped reading this connection.",
-                secs(*idle_ms),
-                secs(*timeout_ms)
-            ),
-            Facts::Idle { idle_ms, timeout_ms, .. } => format!(
-                "No data sent or received for {} (idle timeout {}): the peer has gone quiet and \
-                 whoever reads this connection waits for it; set a read timeout or end it.",
-                secs(*idle_ms),
-                secs(*timeout_ms)
-            ),
-            Facts::SlowTransfer { receiving: true, bytes, window_ms, rate, min_rate } => format!(
-                "Only {bytes} bytes arrived in the last {} ({rate:.1} B/s, below {min_rate} B/s) and \
-                 nothing was sent back: a slow-loris client is holding this connection and its \
-                 thread while the request never completes. Enforce a deadline for the whole request.",
-                secs(*window_ms)
-            ),
-            Facts::SlowTransfer { bytes, window_ms, rate, min_rate, .. } => format!(
-                "The peer took only {bytes} bytes in the last {} ({rate:.1} B/s, below {min_rate} \
-                 B/s) with more waiting to be sent: a slow reader is holding this connection and \
-                 the thread writing to it. Enforce a deadline for the whole response.",
-                secs(*window_ms)
-            ),
-            Facts::BlockedSend { stalled_ms, queued, peer_window, .. } => format!(
-                "{queued} bytes wait to be sent and the peer has taken none for {} (its receive \
-                 window is {peer_window} bytes): it stopped reading, so a thread writing here is \
-                 blocked. Use a write timeout or end the connection.",
-                secs(*stalled_ms)
-            ),
-            Facts::Retransmitting { stalled_ms, in_a_row, give_up_ms, retries2, .. } => format!(
-                "The peer has acknowledged nothing for {} and the kernel has retransmitted \
-                 {in_a_row} times in a row: it vanished mid-transfer. The kernel keeps trying for \
-                 about {} in all (tcp_retries2={retries2}), roughly {} more, while a writer stays \
-                 blocked.",
-                secs(*stalled_ms),
-                secs(*give_up_ms),
-                secs(give_up_ms.saturating_sub(*stalled_ms))
-            ),
-            Facts::CloseWait { close_wait_ms, .. } => format!(
-                "The peer closed this connection {} ago and the application never called close(): \
-                 the socket, its fd and whatever thread serves it are leaked. Look for a code path \
-                 that stops reading at EOF without closing.",
-                secs(*close_wait_ms)
-            ),
-            Facts::AcceptQueueOverflow { full: true, queued, limit, .. } => format!(
-                "The accept queue is full ({queued} waiting, limit {limit}): new connections are \
-                 dropped and clients see SYN retries or resets. The accept loop is stalled or the \
-                 listen() backlog is too small."
-            ),
-            Facts::AcceptQueueOverflow { limit, dropped, .. } => format!(
-                "The listener dropped connections in the last {} because its accept queue \
-                 overflowed ({dropped} dropped since it opened; limit {limit}).",
-                secs(RECENT_MS)
-            ),
-            Facts::KeepaliveMissing { silent_ms, keepalive: true, next_probe_ms, limit_ms } => {
-                format!(
-                    "Nothing crossed this connection for {} and its keepalive probe is not due for \
-                 another {}: a load balancer or NAT that forgets idle flows after {} will drop it \
-                 silently. Lower TCP_KEEPIDLE below that.",
-                    secs(*silent_ms),
-                    secs(u64::from(*next_probe_ms)),
-                    secs(*limit_ms)
-                )
-            }
-            Facts::KeepaliveMissing { silent_ms, limit_ms, .. } => format!(
-                "Nothing crossed this connection for {} and TCP keepalive is off: a load balancer \
-                 or NAT that forgets idle flows after {} (AWS NLB 350 s, Azure 4 min) will drop it \
-                 silently and the next request on it will hang. Enable SO_KEEPALIVE with \
-                 TCP_KEEPIDLE below that.",
-                secs(*silent_ms),
-                secs(*limit_ms)
-            ),
-            Facts::FdPressure { failing, used, limit, threshold, .. } => {
-                let limit = limit.map_or("no limit".to_owned(), |l| l.to_string());
-                if *failing {
-                    format!(
-                        "accept() is failing with EMFILE/ENFILE ({used} of {limit} fds in use): \
-                         new connections wait in the accept queue until they are dropped. Raise \
-                         the limit (ulimit -n, LimitNOFILE=) or find the fd leak."
-                    )
-                } else {
-                    format!(
-                        "{used} of {limit} file descriptors in use (threshold {:.0}%): accept() \
-                         will soon fail with EMFILE and new connections will be refused. Raise \
-                         the limit or find the fd leak.",
-                        threshold * 100.0
-                    )
-                }
-            }
-            Facts::ResetUnread(r) if r.direction == Direction::Send && r.unread > 0 => format!(
-                "The application closed this connection with {} received bytes unread, so the \
-                 kernel sent a reset instead of a FIN: the peer may lose the response it had not \
-                 read yet (lingering close). Read the request fully, or shutdown(SHUT_WR) and \
-                 drain, before close().",
-                r.unread
-            ),
-            Facts::ResetUnread(r) if r.direction == Direction::Send => format!(
-                "This side reset the connection with {} bytes not yet acknowledged by the peer: \
-                 they are lost (an abortive close, e.g. SO_LINGER 0).",
-                r.unsent
-            ),
-            Facts::ResetUnread(r) => format!(
-                "The peer reset the connection with {} bytes unacknowledged and {} unread here: \
-                 that data is lost and the application will see ECONNRESET.",
-                r.unsent, r.unread
-            ),
-        }
     }
 }
 
@@ -306,6 +58,8 @@ pub fn socket_rules(c: &SocketCtx, mut found: impl FnMut(Facts)) {
         close_wait(c),
         accept_queue_overflow(c),
         keepalive_missing(c),
+        connect_stalled(c),
+        closing_stalled(c),
     ];
     verdicts.into_iter().flatten().for_each(&mut found);
 }
@@ -493,6 +247,67 @@ pub fn fd_pressure(
     })
 }
 
+fn connect_stalled(c: &SocketCtx) -> Option<Facts> {
+    if c.socket.diag.state != TcpState::SynSent {
+        return None;
+    }
+    let connect_ms = c.history.in_state_ms(c.now_ns);
+    let timeout_ms = ms(c.t.connect_timeout);
+    // Every retransmission of a socket still in SYN_SENT is a SYN's.
+    let syn_retransmits = c.socket.diag.tcp.map_or(0, |t| t.total_retrans);
+    (connect_ms >= timeout_ms).then_some(Facts::ConnectStalled {
+        connect_ms,
+        timeout_ms,
+        syn_retransmits,
+    })
+}
+
+fn closing_stalled(c: &SocketCtx) -> Option<Facts> {
+    let d = &c.socket.diag;
+    let tcp = d.tcp.unwrap_or_default();
+    let timeout_ms = ms(c.t.closing_timeout);
+    let orphaned = d.inode == 0 && c.socket.owner.is_none();
+    // Still making progress is not stuck: a FIN_WAIT2 peer still sending (a half-close it
+    // uses), or an orphan still draining its response to a slow but reading peer. A closed
+    // socket in FIN_WAIT2 has nothing left to send and the kernel ends it after
+    // tcp_fin_timeout: only one the application still holds (after shutdown) is stuck.
+    let silent = match d.state {
+        TcpState::FinWait2 if orphaned => return None,
+        TcpState::FinWait2 => c.socket.last_recv_ms(c.now_ns).is_none_or(|ms| ms >= timeout_ms),
+        TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing => {
+            c.history.stalled_ms(c.now_ns) >= timeout_ms
+        }
+        _ => return None,
+    };
+    let closing_ms = c.history.in_state_ms(c.now_ns);
+    (silent && closing_ms >= timeout_ms).then(|| {
+        Facts::ClosingStalled(Box::new(Closing {
+            state: d.state,
+            closing_ms,
+            timeout_ms,
+            orphaned,
+            unsent: tcp.notsent_bytes,
+            queued: d.wqueue,
+            peer_window: tcp.snd_wnd,
+            retransmits: tcp.retransmits,
+        }))
+    })
+}
+
+/// A process at its fd limit, with connections waiting to be accepted, using CPU: accept()
+/// fails with EMFILE and the loop around it retries at once.
+pub fn accept_spinning(p: &ProcessView, h: &ProcessHistory, t: &Thresholds) -> Option<Facts> {
+    let at_limit = p.fd_limit.is_some_and(|l| u64::from(p.fds_used) >= l);
+    let cpu = h.cpu?;
+    (at_limit && p.listen_queue > 0 && cpu >= t.spin_cpu.0).then_some(Facts::AcceptSpinning {
+        cpu,
+        queued: p.listen_queue,
+        used: p.fds_used,
+        limit: p.fd_limit,
+        accept_errors: p.accept_errors,
+    })
+}
+
 pub fn reset_unread(r: &ResetView) -> Facts {
     Facts::ResetUnread(Box::new(r.clone()))
 }
@@ -506,54 +321,5 @@ mod tests {
         // The well-known ~924.6 s for tcp_retries2=15.
         assert_eq!(retransmit_give_up_ms(15), 924_600);
         assert_eq!(retransmit_give_up_ms(3), 3_000);
-    }
-
-    #[test]
-    fn every_verdict_renders_words_and_numbers() {
-        let cases = [
-            Facts::Idle { idle_ms: 61_000, timeout_ms: 60_000, unread: 0 },
-            Facts::Idle { idle_ms: 61_000, timeout_ms: 60_000, unread: 3 },
-            Facts::SlowTransfer {
-                receiving: true,
-                bytes: 9,
-                window_ms: 30_000,
-                rate: 0.3,
-                min_rate: 64.0,
-            },
-            Facts::BlockedSend {
-                stalled_ms: 31_000,
-                queued: 9,
-                unsent: 5,
-                peer_window: 0,
-                probes: 2,
-            },
-            Facts::Retransmitting {
-                stalled_ms: 31_000,
-                in_a_row: 4,
-                unacked: 3,
-                rto_ms: 3200,
-                give_up_ms: 924_600,
-                retries2: 15,
-            },
-            Facts::CloseWait { close_wait_ms: 61_000, unread: 0 },
-            Facts::AcceptQueueOverflow { full: true, queued: 2, limit: 1, dropped: 0 },
-            Facts::KeepaliveMissing {
-                silent_ms: 301_000,
-                keepalive: false,
-                next_probe_ms: 0,
-                limit_ms: 300_000,
-            },
-            Facts::FdPressure {
-                failing: true,
-                used: 32,
-                limit: Some(32),
-                accept_errors: Some(4),
-                threshold: 0.9,
-            },
-        ];
-        for f in cases {
-            assert!(f.detail().ends_with('.'), "{:?}: {}", f.reason(), f.detail());
-            assert!(!f.metrics().is_empty(), "{:?}", f.reason());
-        }
     }
 }

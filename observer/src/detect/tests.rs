@@ -275,6 +275,7 @@ fn process(fds: u32, limit: Option<u64>, accept_errors: u64) -> ProcessView {
         fds_used: fds,
         fd_limit: limit,
         accept_errors: Some(accept_errors),
+        ..ProcessView::default()
     }
 }
 
@@ -352,6 +353,150 @@ fn reset_socket_that_lingers_keeps_its_finding() {
     assert_eq!(det.observe(&snap).len(), 1);
     assert_eq!(reasons(&det.observe(&at(NOW_NS + S, vec![lingering]))), vec![Reason::ResetUnread]);
     assert!(det.observe(&at(NOW_NS + 2 * S, vec![])).is_empty());
+}
+
+// --- connect_stalled -------------------------------------------------------------------------
+
+fn connecting(retransmits: u32) -> SocketView {
+    let mut s = socket(1, TcpState::SynSent, 0, 0);
+    s.diag.remote = "10.0.0.9:5432".parse().unwrap();
+    s.diag.tcp.as_mut().unwrap().total_retrans = retransmits;
+    s
+}
+
+#[test]
+fn connect_without_an_answer_stalls_after_the_connect_timeout() {
+    let found = run(&mut detector(), 6, S, |i| connecting(i as u32));
+    assert_eq!(reasons(&found), vec![Reason::ConnectStalled]);
+    let m = found[0].facts.metrics();
+    assert_eq!((m["connect_ms"].as_u64(), m["syn_retransmits"].as_u64()), (Some(6_000), Some(6)));
+    assert!(run(&mut detector(), 4, S, |_| connecting(0)).is_empty(), "4 s of 5");
+}
+
+#[test]
+fn connect_that_completes_within_its_timeout_is_not_stalled() {
+    // Answered after 2 s: ESTABLISHED from then on, and a connection is not a connect.
+    let found = run(&mut detector(), 10, S, |i| {
+        if i < 2 { connecting(1) } else { socket(1, TcpState::Established, 100, 100) }
+    });
+    assert!(found.is_empty(), "{found:?}");
+}
+
+#[test]
+fn the_probes_time_a_connect_begun_before_the_first_poll() {
+    let mut s = connecting(3);
+    s.diag.activity = Some(crate::kernel::probes::Activity {
+        state: TcpState::SynSent as u32,
+        state_since_ns: NOW_NS - 7 * S,
+        ..Default::default()
+    });
+    let found = detector().observe(&snapshot(vec![s]));
+    assert_eq!(found[0].facts.metrics()["connect_ms"], 7_000);
+}
+
+// --- closing_stalled -------------------------------------------------------------------------
+
+/// A response the application wrote and closed on, to a peer that reads `read` bytes a second.
+fn orphan(read: u64, i: u64) -> SocketView {
+    let mut s = socket(1, TcpState::FinWait1, 70_000, 70_000);
+    (s.owner, s.diag.inode) = (None, 0);
+    s.diag.wqueue = 2_000_001;
+    let tcp = s.diag.tcp.as_mut().unwrap();
+    (tcp.notsent_bytes, tcp.snd_wnd, tcp.bytes_acked) = (2_000_001, 0, 4096 + read * i);
+    s
+}
+
+fn closing_poll(det: &mut Detector, i: u64, s: SocketView) -> (Vec<Finding>, Snapshot) {
+    let mut snap = at(NOW_NS + i * S, vec![s]);
+    let former = crate::snapshot::FormerOwner { pid: 42, comm: Some("server".into()) };
+    snap.former_owners.insert(1, former);
+    (det.observe(&snap), snap)
+}
+
+#[test]
+fn orphan_whose_peer_stopped_reading_is_closing_stalled_and_names_its_former_owner() {
+    let mut det = detector();
+    for i in 0..60 {
+        assert!(closing_poll(&mut det, i, orphan(0, i)).0.is_empty(), "{i} s of 60");
+    }
+    let (found, snap) = closing_poll(&mut det, 61, orphan(0, 61));
+    assert_eq!(reasons(&found), vec![Reason::ClosingStalled]);
+    let m = found[0].facts.metrics();
+    assert_eq!(
+        (m["orphaned"].as_bool(), m["unsent_bytes"].as_u64()),
+        (Some(true), Some(2_000_001))
+    );
+    assert_eq!((m["peer_window"].as_u64(), m["closing_ms"].as_u64()), (Some(0), Some(61_000)));
+    let identity = found[0].identity(&snap);
+    assert_eq!(
+        (identity.pid, identity.comm.as_deref(), identity.fd),
+        (Some(42), Some("server"), None)
+    );
+    assert_eq!(identity.state, Some("FIN_WAIT1"));
+    assert!(found[0].facts.detail().contains("still unsent"), "{}", found[0].facts.detail());
+}
+
+#[test]
+fn an_orphan_still_draining_to_a_reading_peer_is_not_stalled() {
+    let mut det = detector();
+    for i in 0..=90 {
+        let (found, _) = closing_poll(&mut det, i, orphan(50_000, i));
+        assert!(found.is_empty(), "at {i} s: {found:?}");
+    }
+}
+
+#[test]
+fn fin_wait2_stalls_only_while_the_peer_is_silent() {
+    // After shutdown(SHUT_WR): the peer never sends its FIN; a twin's peer still sends data.
+    let silent = |_| socket(1, TcpState::FinWait2, 70_000, 70_000);
+    let found = run(&mut detector(), 61, S, silent);
+    assert_eq!(reasons(&found), vec![Reason::ClosingStalled]);
+    assert_eq!(found[0].facts.metrics()["orphaned"], false, "its fd is still open");
+    let talking = |_| socket(1, TcpState::FinWait2, 70_000, 300);
+    assert!(run(&mut detector(), 90, S, talking).is_empty());
+    // Closed after everything was acknowledged: the kernel ends it after tcp_fin_timeout.
+    let closed = |_| {
+        let mut s = silent(0);
+        (s.owner, s.diag.inode, s.diag.tcp) = (None, 0, None);
+        s
+    };
+    assert!(run(&mut detector(), 61, S, closed).is_empty());
+}
+
+// --- accept_spinning -------------------------------------------------------------------------
+
+/// A process at its fd limit with 5 connections queued, using `cpu` CPUs.
+fn at_fd_limit(t: u64, cpu: f64, queued: u32) -> ProcessView {
+    ProcessView {
+        listen_queue: queued,
+        cpu_ns: Some(10 * S + (t as f64 * cpu) as u64),
+        ..process(32, Some(32), 0)
+    }
+}
+
+#[test]
+fn accept_loop_retrying_emfile_at_once_is_spinning() {
+    let mut det = detector();
+    assert_eq!(
+        reasons(&poll_processes(&mut det, 0, at_fd_limit(0, 0.97, 5))),
+        [Reason::FdPressure]
+    );
+    let found = poll_processes(&mut det, S, at_fd_limit(S, 0.97, 5));
+    assert_eq!(reasons(&found), vec![Reason::FdPressure, Reason::AcceptSpinning]);
+    let m = found[1].facts.metrics();
+    assert_eq!((m["cpu"].as_f64(), m["queue_length"].as_u64()), (Some(0.97), Some(5)));
+    assert_eq!((m["fds_used"].as_u64(), m["fds_limit"].as_u64()), (Some(32), Some(32)));
+}
+
+#[test]
+fn accept_loop_that_backs_off_gets_fd_pressure_only() {
+    for (cpu, queued, fds) in [(0.01, 5, 32), (0.97, 0, 32), (0.97, 5, 31)] {
+        let mut det = detector();
+        let p = |t| ProcessView { fds_used: fds, ..at_fd_limit(t, cpu, queued) };
+        poll_processes(&mut det, 0, p(0));
+        let found = poll_processes(&mut det, S, p(S));
+        assert!(!reasons(&found).contains(&Reason::AcceptSpinning), "{cpu} {queued} {fds}");
+    }
 }
 
 // --- policy ----------------------------------------------------------------------------------

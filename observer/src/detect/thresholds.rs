@@ -46,6 +46,19 @@ macro_rules! with_thresholds {
                 $crate::detect::thresholds::Fraction(0.9),
                 "Alert `fd_pressure` when a process uses this fraction of its fd limit \
                  (RLIMIT_NOFILE), or whenever its accept() fails with EMFILE/ENFILE. Example: 0.8";
+            connect_timeout: std::time::Duration = std::time::Duration::from_secs(5),
+                "Alert `connect_stalled`: a watched process's connect() has had no answer for \
+                 this long (the peer drops SYNs or its listen queue is full; without a connect \
+                 timeout the caller waits through minutes of SYN retries). Example: 10s";
+            closing_timeout: std::time::Duration = std::time::Duration::from_secs(60),
+                "Alert `closing_stalled`: a closed or shut-down connection has not finished \
+                 closing for this long (FIN_WAIT1, FIN_WAIT2, LAST_ACK or CLOSING: unsent data to \
+                 a peer that does not read, or a peer that never answers the FIN). Example: 2m";
+            spin_cpu: $crate::detect::thresholds::Cpus = $crate::detect::thresholds::Cpus(0.5),
+                "Alert `accept_spinning` when a process at its fd limit, with connections waiting \
+                 in a listener's queue, used at least this much CPU (in CPUs, 0.5 = half of one) \
+                 over the last poll: its accept loop retries EMFILE without backing off. \
+                 Example: 0.8";
         }
     };
 }
@@ -177,6 +190,28 @@ impl Number for Fraction {
     }
 }
 
+/// An amount of CPU time per unit of time, in CPUs: 0.5 is half of one CPU, 2 is two whole ones.
+/// Above 0, at most 1024 (a threshold above the machine's CPU count never fires, but a policy
+/// file written for a big machine should still load on a small one).
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Cpus(pub f64);
+
+impl Number for Cpus {
+    const VALUE_NAME: &'static str = "CPUS";
+    const REPORT_SUFFIX: &'static str = "";
+    const RANGE: (f64, f64) = (0.0, 1024.0);
+    const EXPECTED: &'static str =
+        "a share of CPU time: give CPUs above 0, at most 1024, like 0.5 (half of one CPU)";
+
+    fn new(v: f64) -> Self {
+        Cpus(v)
+    }
+
+    fn value(self) -> f64 {
+        self.0
+    }
+}
+
 /// For policy file fields: `#[serde(default, deserialize_with = "threshold")]`.
 pub fn threshold<'de, D: Deserializer<'de>, T: ThresholdValue>(
     d: D,
@@ -236,7 +271,10 @@ mod tests {
         assert!(keys.contains(&"slow_min_rate_bytes_per_sec"), "{keys:?}");
         assert_eq!(v["close_wait_timeout_ms"], 60_000);
         assert_eq!(v["fd_threshold"], 0.9);
-        assert_eq!(keys.len(), 8);
+        assert_eq!(v["connect_timeout_ms"], 5_000);
+        assert_eq!(v["closing_timeout_ms"], 60_000);
+        assert_eq!(v["spin_cpu"], 0.5);
+        assert_eq!(keys.len(), 11);
     }
 
     #[test]
@@ -247,5 +285,8 @@ mod tests {
         assert!(BytesPerSec::parse("fast").unwrap_err().contains("not a number"));
         assert!(Fraction::parse("1.5").unwrap_err().contains("at most 1"));
         assert_eq!(Fraction::parse("1"), Ok(Fraction(1.0)));
+        assert_eq!(Cpus::parse("2.5"), Ok(Cpus(2.5)));
+        assert!(Cpus::parse("0").unwrap_err().contains("CPUs above 0"));
+        assert!(Cpus::parse("5000").is_err());
     }
 }

@@ -333,6 +333,7 @@ mod tests {
             fds_used: 10,
             fd_limit: Some(11),
             accept_errors: None,
+            ..Default::default()
         };
         let finding = Finding {
             target: crate::detect::Target::Process(5),

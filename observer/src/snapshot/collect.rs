@@ -9,13 +9,17 @@ use std::{
     collections::{BTreeMap, btree_map::Entry},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::BorrowedFd,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use observer_common::{Direction, ResetEvent, TcpState, TcpStates};
 
-use super::{ProcessView, ResetView, Snapshot, SocketView};
+use super::{
+    FormerOwner, ProcessView, ResetView, Snapshot, SocketView,
+    orphans::{self, Memory},
+};
 use crate::{
     fastmap::{FastMap, FastSet},
     kernel::{
@@ -58,6 +62,8 @@ pub struct Collector {
     /// The last snapshot's socket buffer, emptied, for the next poll to fill: a big table is
     /// then neither reallocated nor faulted in again every poll.
     spare: Vec<SocketView>,
+    /// Who held what in the last snapshot: orphans are named after it.
+    memory: Memory,
 }
 
 impl Collector {
@@ -78,6 +84,7 @@ impl Collector {
             listen_ports: Vec::new(),
             last_count: 0,
             spare: Vec::new(),
+            memory: Memory::default(),
         };
         match pids {
             None => {
@@ -157,11 +164,9 @@ impl Collector {
         }
     }
 
-    /// Takes back a finished snapshot's socket buffer for the next poll.
+    /// Takes back a finished snapshot: its buffers for the next poll, and who held what.
     pub fn recycle(&mut self, snapshot: Snapshot) {
-        let mut sockets = snapshot.into_sockets();
-        sockets.clear();
-        self.spare = sockets;
+        self.spare = self.memory.remember(snapshot);
     }
 
     /// The socket table of every watched namespace, as snapshot records still to be joined;
@@ -308,7 +313,14 @@ impl Collector {
         };
         let fds = self.fd_cache.scan(pids.as_deref(), &present);
         phases.mark("fd scan");
+        let memory = &self.memory;
+        let watched = |pid: u32| pids.as_ref().is_none_or(|p| p.contains(&pid));
         let mut listen_ports = Vec::new();
+        let mut listen_queues: FastMap<u32, u32> = FastMap::default();
+        let mut former_owners: FastMap<u64, FormerOwner> = FastMap::default();
+        // Orphans nobody was seen holding: the probes may know who used them (with --pid,
+        // they are in scope only if that was a watched process).
+        let mut unnamed: Vec<SocketView> = Vec::new();
         sockets.retain_mut(|socket| {
             let diag = &socket.diag;
             if !port_in_scope(diag.local.port(), diag.remote.port()) {
@@ -316,12 +328,26 @@ impl Collector {
             }
             socket.owner =
                 (diag.inode != 0).then(|| fds.owners.get(&diag.inode).cloned()).flatten();
-            // With --pid, a socket is in scope only if a watched process holds it.
-            if pids.is_some() && socket.owner.is_none() {
-                return false;
+            if orphans::is_orphan(socket) {
+                return match memory.former_owner(diag.cookie) {
+                    Some(former) if watched(former.pid) => {
+                        former_owners.insert(diag.cookie, former);
+                        true
+                    }
+                    Some(_) => false,
+                    None => {
+                        unnamed.push(socket.clone());
+                        false
+                    }
+                };
             }
+            let Some(owner) = &socket.owner else {
+                // With --pid, a socket is in scope only if a watched process holds it.
+                return pids.is_none();
+            };
             if diag.state == TcpState::Listen {
                 listen_ports.push(diag.local.port());
+                *listen_queues.entry(owner.pid).or_default() += diag.rqueue;
             }
             true
         });
@@ -343,14 +369,20 @@ impl Collector {
             .into_iter()
             .filter_map(|pid| {
                 let (comm, fds_used) = fds.processes.get(&pid)?.clone();
+                let fd_limit = procfs::fd_limit(pid);
+                // Near its fd limit the accept loop may spin (accept_spinning): its CPU time is
+                // worth a read of /proc/PID/stat.
+                let near_limit = fd_limit.is_some_and(|l| u64::from(fds_used) * 10 >= l * 9);
                 Some(ProcessView {
                     pid,
                     comm,
                     fds_used,
-                    fd_limit: procfs::fd_limit(pid),
+                    fd_limit,
                     accept_errors: accept_errors
                         .as_ref()
                         .map(|e| e.get(&pid).copied().unwrap_or(0)),
+                    listen_queue: listen_queues.get(&pid).copied().unwrap_or(0),
+                    cpu_ns: if near_limit { procfs::cpu_time_ns(pid) } else { None },
                 })
             })
             .collect();
@@ -369,7 +401,9 @@ impl Collector {
                     && port_in_scope(r.local.port(), r.remote.port())
             })
             .collect();
-        let mut snapshot = Snapshot::new(taken_ns, sockets, processes, resets);
+        let index = self.memory.take_index();
+        let mut snapshot = Snapshot::with_index(taken_ns, sockets, processes, resets, index);
+        snapshot.former_owners = former_owners;
         if probes.tracks_threads() {
             snapshot.thread_syscalls = probes.thread_syscalls();
         }
@@ -380,16 +414,40 @@ impl Collector {
         phases.mark("join");
         snapshot.map_entries = if probes.activity_in_dump().is_some() {
             // Each socket's record came with it in the dump: nothing to read or join.
-            snapshot.sockets.iter().filter(|s| s.diag.activity.is_some()).count()
+            snapshot.sockets.iter().chain(&unnamed).filter(|s| s.diag.activity.is_some()).count()
         } else {
             // Streamed into the snapshot's sockets: a table of 100k entries would be built
             // otherwise.
+            let unnamed_at: FastMap<u64, usize> =
+                unnamed.iter().enumerate().map(|(i, s)| (s.cookie(), i)).collect();
             probes
                 .for_each_activity(|cookie, activity| {
-                    snapshot.set_activity(cookie, activity);
+                    if !snapshot.set_activity(cookie, activity)
+                        && let Some(&i) = unnamed_at.get(&cookie)
+                    {
+                        unnamed[i].diag.activity = Some(activity);
+                    }
                 })
                 .context("reading the probes' socket map")?
         };
+        let comm_of = |pid: u32| {
+            fds.processes
+                .get(&pid)
+                .map(|(comm, _)| comm.clone())
+                .or_else(|| procfs::comm(pid).map(Arc::from))
+        };
+        for orphan in unnamed {
+            let former = orphans::seen_by_probes(orphan.diag.activity.as_ref(), comm_of);
+            match former {
+                Some(former) if watched(former.pid) => {
+                    snapshot.former_owners.insert(orphan.cookie(), former);
+                    snapshot.push(orphan);
+                }
+                // Unattributed orphans are in scope only when every socket is.
+                None if pids.is_none() => snapshot.push(orphan),
+                _ => {}
+            }
+        }
         phases.mark("probe map");
         self.listen_ports = listen_ports;
         phases.log();

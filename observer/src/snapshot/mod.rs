@@ -13,6 +13,7 @@ use crate::{
 };
 
 mod collect;
+mod orphans;
 pub mod targets;
 
 #[derive(Clone, Debug)]
@@ -23,8 +24,8 @@ pub struct SocketView {
     pub owner: Option<Owner>,
 }
 
-/// A watched process as a whole (for fd exhaustion).
-#[derive(Clone, Debug, PartialEq)]
+/// A watched process as a whole (for fd exhaustion and its accept loop).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProcessView {
     pub pid: u32,
     pub comm: Arc<str>,
@@ -33,6 +34,20 @@ pub struct ProcessView {
     pub fd_limit: Option<u64>,
     /// accept() failures for lack of fds since the agent started (needs --pid).
     pub accept_errors: Option<u64>,
+    /// Connections waiting in the accept queues of its listeners.
+    pub listen_queue: u32,
+    /// CPU time it has used (user and system, nanoseconds), read only while it is near its fd
+    /// limit: what `accept_spinning` measures.
+    pub cpu_ns: Option<u64>,
+}
+
+/// Who held a socket that no fd holds any more (an orphan, on its way out), as the agent saw
+/// it: in an earlier poll, or moving data through the probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormerOwner {
+    pub pid: u32,
+    /// `None` when the process is gone and its name was never seen.
+    pub comm: Option<Arc<str>>,
 }
 
 /// A data-losing reset the probes reported since the previous snapshot.
@@ -71,17 +86,33 @@ pub struct Snapshot {
     pub thread_sleeps: HashMap<u32, u64>,
     /// Entries in the probes' socket map (for the agent's own health report).
     pub map_entries: usize,
+    /// Orphaned sockets in this snapshot, by cookie: who held them before they were closed.
+    pub former_owners: FastMap<u64, FormerOwner>,
     by_cookie: FastMap<u64, usize>,
 }
 
 impl Snapshot {
+    #[cfg(test)]
     pub fn new(
         taken_ns: u64,
         sockets: Vec<SocketView>,
         processes: Vec<ProcessView>,
         resets: Vec<ResetView>,
     ) -> Snapshot {
-        let by_cookie = sockets.iter().enumerate().map(|(i, s)| (s.diag.cookie, i)).collect();
+        Snapshot::with_index(taken_ns, sockets, processes, resets, FastMap::default())
+    }
+
+    /// A snapshot of `sockets`, its cookie index built in `index` (a previous snapshot's, emptied
+    /// here): at 100k sockets the index is then neither reallocated nor faulted in again.
+    pub fn with_index(
+        taken_ns: u64,
+        sockets: Vec<SocketView>,
+        processes: Vec<ProcessView>,
+        resets: Vec<ResetView>,
+        mut index: FastMap<u64, usize>,
+    ) -> Snapshot {
+        index.clear();
+        index.extend(sockets.iter().enumerate().map(|(i, s)| (s.diag.cookie, i)));
         Snapshot {
             taken_ns,
             sockets,
@@ -91,8 +122,15 @@ impl Snapshot {
             thread_tcp_calls: HashMap::new(),
             thread_sleeps: HashMap::new(),
             map_entries: 0,
-            by_cookie,
+            former_owners: FastMap::default(),
+            by_cookie: index,
         }
+    }
+
+    /// Adds a socket found after the snapshot was built.
+    pub fn push(&mut self, socket: SocketView) {
+        self.by_cookie.insert(socket.cookie(), self.sockets.len());
+        self.sockets.push(socket);
     }
 
     /// Records what the probes saw about the socket `cookie`, if it is in this snapshot; returns
@@ -107,9 +145,21 @@ impl Snapshot {
         }
     }
 
-    /// The socket records, for reuse of their buffer.
-    pub fn into_sockets(self) -> Vec<SocketView> {
-        self.sockets
+    /// The socket records and the cookie index, for reuse of their buffers.
+    pub fn into_parts(self) -> (Vec<SocketView>, FastMap<u64, usize>) {
+        (self.sockets, self.by_cookie)
+    }
+
+    /// Who and what `socket` of this snapshot is: for an orphan, the process that held it.
+    pub fn identity_of(&self, socket: &SocketView) -> Identity {
+        let mut identity = Identity::of_socket(socket);
+        if socket.owner.is_none()
+            && let Some(former) = self.former_owners.get(&socket.cookie())
+        {
+            identity.pid = Some(former.pid);
+            identity.comm = former.comm.clone();
+        }
+        identity
     }
 
     pub fn find(&self, cookie: u64) -> Option<&SocketView> {
@@ -196,6 +246,11 @@ impl SocketView {
         self.diag.cookie
     }
 
+    /// Whether no fd holds this socket any more and it is on its way out (see `orphans`).
+    pub fn is_orphan(&self) -> bool {
+        orphans::is_orphan(self)
+    }
+
     pub fn local(&self) -> SocketAddr {
         self.diag.local.addr()
     }
@@ -209,15 +264,21 @@ impl SocketView {
     /// that were already open when the agent started.
     pub fn last_send_ms(&self, now_ns: u64) -> Option<u64> {
         let probe = self.diag.activity.and_then(|a| ms_since(now_ns, a.last_send_ns));
-        let kernel = self.diag.tcp.map(|t| u64::from(t.last_data_sent_ms));
+        let kernel = self.kernel_times().map(|t| u64::from(t.last_data_sent_ms));
         min_known(probe, kernel)
     }
 
     /// Milliseconds since data last came in (see [`Self::last_send_ms`]).
     pub fn last_recv_ms(&self, now_ns: u64) -> Option<u64> {
         let probe = self.diag.activity.and_then(|a| ms_since(now_ns, a.last_recv_ns));
-        let kernel = self.diag.tcp.map(|t| u64::from(t.last_data_recv_ms));
+        let kernel = self.kernel_times().map(|t| u64::from(t.last_data_recv_ms));
         min_known(probe, kernel)
+    }
+
+    /// tcp_info, where its "time since" fields mean something: before the handshake completes
+    /// nothing was ever sent or received, and they count from an unset stamp (hours).
+    fn kernel_times(&self) -> Option<crate::kernel::tcp_info::TcpInfo> {
+        self.diag.tcp.filter(|_| self.diag.state != TcpState::SynSent)
     }
 
     /// Milliseconds since data moved in either direction.

@@ -164,6 +164,7 @@ mod tests {
             comm: comm.into(),
             kernel_thread: false,
             zombie: false,
+            cpu_ticks: 0,
         }
     }
 

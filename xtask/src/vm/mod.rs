@@ -82,10 +82,21 @@ const SCENARIOS: &[Suite] = &[
         once: false,
     },
     Suite {
+        name: "detect_more",
+        tests: &[
+            "connect_to_a_listener_whose_queue_is_full_stalls_and_one_answered_in_time_does_not",
+            "response_closed_on_a_peer_that_does_not_read_never_finishes_closing",
+            "accept_loop_that_retries_emfile_at_once_spins_and_one_that_backs_off_does_not",
+        ],
+        once: false,
+    },
+    Suite {
         name: "act",
         tests: &[
             "destroy_unblocks_a_thread_blocked_in_read_and_resets_the_client",
             "shutdown_unblocks_a_thread_blocked_in_read_with_eof_and_fins_the_client",
+            "both_modes_end_a_connect_that_gets_no_answer_and_the_caller_sees_it_fail",
+            "an_orphan_that_cannot_close_is_destroyed_and_shutdown_says_it_has_no_fd",
         ],
         once: true,
     },

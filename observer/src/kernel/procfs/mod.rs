@@ -12,7 +12,7 @@ pub use self::threads::BlockedCall;
 pub use self::threads::parse_syscall_line;
 pub use self::{
     fds::{FdCache, scan_fds},
-    processes::{ProcessEntry, ProcessTable},
+    processes::{ProcessEntry, ProcessTable, cpu_time_ns},
     threads::{ThreadState, thread_states},
 };
 
