@@ -67,6 +67,9 @@ pub fn run(args: &Options) -> anyhow::Result<bool> {
         }
     });
     let targets = targets_report(&args.selector, caps, &mut problems);
+    if let Some(too_old) = system::too_old(&system::kernel_release()) {
+        problems.push(too_old);
+    }
 
     let btf = Btf::from_kernel();
     let btf_report = match &btf {

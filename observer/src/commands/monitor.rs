@@ -94,7 +94,14 @@ impl Monitor {
             sleep_timing: args.sleep_timing,
             floor: args.probe_stats,
         };
-        let (probes, skipped) = Probes::load_best(args.probes, &options, &btf)?;
+        let (probes, skipped) = match Probes::load_best(args.probes, &options, &btf) {
+            Ok(loaded) => loaded,
+            // On a kernel older than any observer supports, that is the news, not the verifier.
+            Err(e) => match system::too_old(&system::kernel_release()) {
+                Some(too_old) => bail!("{too_old} ({e})"),
+                None => return Err(e.into()),
+            },
+        };
         // Only loading needs the kernel's type information: several megabytes, freed now.
         drop(btf);
         system::release_free_memory();

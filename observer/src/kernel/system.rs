@@ -9,6 +9,32 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The oldest kernel observer can run on: every backend's BTF tracepoint programs call
+/// `bpf_get_socket_cookie`, which tracing programs may call from Linux 5.12 (socket storage,
+/// `bpf_sk_storage_get` from tracing programs, came in 5.11).
+pub const MINIMUM_KERNEL: (u32, u32) = (5, 12);
+
+/// The major and minor version of a release string such as `6.1.0-48-cloud-amd64`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Why `release` is too old for observer, if it is.
+pub fn too_old(release: &str) -> Option<String> {
+    let version = kernel_version(release)?;
+    (version < MINIMUM_KERNEL).then(|| {
+        format!(
+            "Linux {release} is older than {}.{}, the oldest observer runs on (its BTF tracepoint \
+             programs call bpf_get_socket_cookie, which tracing programs may call from 5.12): \
+             run it on a newer kernel",
+            MINIMUM_KERNEL.0, MINIMUM_KERNEL.1
+        )
+    })
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock bpf_ktime_get_ns() reads.
 pub fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC always exists; were it refused, 0 makes every time "unknown".
@@ -92,4 +118,19 @@ pub fn reset_peak_memory() {
 pub fn raise_memlock_limit() {
     use nix::sys::resource::{Resource, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, libc::RLIM_INFINITY, libc::RLIM_INFINITY);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_before_5_12_are_too_old() {
+        assert_eq!(kernel_version("6.1.0-48-cloud-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.12.95+deb12-cloud-amd64"), Some((6, 12)));
+        assert!(too_old("5.10.0-30-amd64").is_some_and(|m| m.contains("5.12")));
+        assert!(too_old("5.15.0-100-generic").is_none());
+        assert!(too_old("6.18.44-fc").is_none());
+        assert!(too_old("weird").is_none(), "an unreadable release is not judged");
+    }
 }
