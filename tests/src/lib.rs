@@ -399,6 +399,15 @@ impl Drop for Scenario {
     }
 }
 
+/// The JSON lines of a file another process writes (a `top --log`), as far as written.
+pub fn read_json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 pub fn as_u64(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not an unsigned integer: {v}"))
 }

@@ -3,7 +3,7 @@
 //! server's workers see and what `--log` records.
 use std::{
     io::{Read, Write},
-    path::{Path, PathBuf},
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -56,7 +56,7 @@ impl Top {
 
     /// The `--log` lines so far.
     fn logged(&self) -> Vec<Value> {
-        read_log(&self.log)
+        observer_tests::read_json_lines(&self.log)
     }
 
     fn wait_logged(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
@@ -87,14 +87,6 @@ impl Drop for Top {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-fn read_log(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// The table's rows on the screen: below the column titles, above the details.

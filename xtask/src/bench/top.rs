@@ -2,10 +2,7 @@
 //! `watch` and then by `top` drawing in a real terminal (tmux) while its selection moves 20
 //! times a second, as an operator scrolling makes it redraw. Each agent starts before its
 //! connections open, so the probes track every one of them in both runs.
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use observer_tests::{observer_bin, tmux::Tmux};
@@ -109,7 +106,7 @@ fn top_polls(n: usize) -> Result<Drawn> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut presses = 0u64;
     loop {
-        let stats = read_log(&log);
+        let stats = observer_tests::read_json_lines(&log);
         if stats.iter().filter(|v| v["event"] == "stats" && ts_ms(v) > held).count()
             >= STEADY_POLLS + 2
         {
@@ -131,13 +128,13 @@ fn top_polls(n: usize) -> Result<Drawn> {
     }
     tmux.keys(&["q"]);
     let end = Instant::now() + Duration::from_secs(10);
-    while !read_log(&log).iter().any(|v| v["event"] == "stopped") {
+    while !observer_tests::read_json_lines(&log).iter().any(|v| v["event"] == "stopped") {
         if Instant::now() > end {
             bail!("top did not stop on q: {}", tmux.screen());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    drawn.polls = steady_polls(&read_log(&log), held, n)?;
+    drawn.polls = steady_polls(&observer_tests::read_json_lines(&log), held, n)?;
     let _ = std::fs::remove_file(&log);
     Ok(drawn)
 }
@@ -154,14 +151,6 @@ fn steady_polls(lines: &[Value], held: u64, n: usize) -> Result<Vec<f64>> {
         bail!("the agent saw {sockets:?} sockets and tracked {tracked:?}, of {n} held");
     }
     Ok(stats.iter().filter_map(|s| s["last_poll_ms"].as_f64()).collect())
-}
-
-fn read_log(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 fn wait_screen(tmux: &Tmux, what: &str, matches: impl Fn(&str) -> bool) -> Result<()> {
