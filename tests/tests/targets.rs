@@ -74,3 +74,23 @@ fn pid_only_leaves_what_the_server_forks_alone() {
         agent.out.seen.iter().filter(|v| is_event_for(v, "alert", "idle", &remote)).collect();
     assert!(hits.is_empty(), "--pid-only alerted a child's connection: {hits:?}");
 }
+
+#[test]
+fn pid_of_a_pre_forking_server_from_debian_alerts_on_the_worker_holding_the_connection() {
+    // nginx: the master listens and forks its workers at start; a worker accepts and holds
+    // each connection. Watching the master's pid must cover them.
+    let dir = std::env::temp_dir().join(format!("observer-test-nginx-{}", std::process::id()));
+    let nginx = observer_tests::nginx::Nginx::start(&dir, 2).unwrap();
+    let workers = nginx.workers();
+    let mut agent = start_agent(&[nginx.pid()], &["--idle-timeout", "1s"]);
+    agent.wait_for("started", DEADLINE, |v| v["event"] == "started");
+    // A client that connects and never sends its request.
+    let client = TcpStream::connect(("127.0.0.1", nginx.port)).unwrap();
+    let alert = idle_alert(&mut agent, &client);
+    let holder = as_u64(&alert["pid"]) as u32;
+    assert!(workers.contains(&holder), "a worker {workers:?} holds it: {alert}");
+    assert_eq!(alert["comm"], "nginx", "{alert}");
+    assert!(alert["fd"].as_u64().is_some(), "{alert}");
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,8 +20,8 @@ pub fn run() -> Result<()> {
 /// Host tools the integration tests drive, installed if missing: iproute2 (`ip netns`),
 /// nftables (`nft`, to make a peer vanish), util-linux (`unshare`, `nsenter`, `setpriv`),
 /// podman with runc and busybox-static (containers), Prometheus's server and promtool (the
-/// metrics tests), tmux (a terminal for `observer top`), and PyPI's kubernetes-validate (the
-/// Kubernetes API schemas, offline).
+/// metrics tests), tmux (a terminal for `observer top`), nginx (a real pre-forking server), and
+/// PyPI's kubernetes-validate (the Kubernetes API schemas, offline).
 pub fn test_tools() -> Result<()> {
     let tools = [
         ("ip", "-V", "iproute2"),
@@ -33,6 +33,7 @@ pub fn test_tools() -> Result<()> {
         ("promtool", "--version", "prometheus"),
         ("prometheus", "--version", "prometheus"),
         ("tmux", "-V", "tmux"),
+        ("nginx", "-v", "nginx"),
     ];
     let mut missing: Vec<&str> = tools
         .into_iter()
@@ -43,8 +44,10 @@ pub fn test_tools() -> Result<()> {
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
-    if missing.contains(&"prometheus") {
-        stop_packaged_service("prometheus");
+    for service in ["prometheus", "nginx"] {
+        if missing.contains(&service) {
+            stop_packaged_service(service);
+        }
     }
     let has_validator = Command::new("python3")
         .args(["-m", "kubernetes_validate", "--version"])
