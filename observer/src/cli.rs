@@ -23,7 +23,7 @@ use crate::{
         thresholds::{Overrides, ThresholdValue, with_thresholds},
     },
     kernel::probes::ProbeChoice,
-    snapshot::targets::Selector,
+    snapshot::{Placement, WorkloadOptions, targets::Selector, workload::DEFAULT_POD_LOGS},
     units,
 };
 
@@ -113,6 +113,55 @@ pub struct KillArgs {
     /// Find and check the socket, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+}
+
+/// Where the agent runs and where the node keeps pod logs: what names each socket's pod.
+#[derive(Debug, Args)]
+pub struct PlacementArgs {
+    /// The node's name, put on every alert, clear and action as `node` (Kubernetes: NODE_NAME
+    /// from the Downward API, spec.nodeName).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME", help_heading = "Kubernetes")]
+    pub node_name: Option<String>,
+
+    /// The agent's own pod (POD_NAME from the Downward API, metadata.name). Without
+    /// --all-namespaces, sockets of processes in the agent's network namespace (a sidecar's
+    /// neighbours) carry it as `pod`, when no pod log names their pod.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "POD_NAME",
+        help_heading = "Kubernetes",
+        requires = "pod_namespace"
+    )]
+    pub pod_name: Option<String>,
+
+    /// The agent's own pod's namespace (POD_NAMESPACE, metadata.namespace), as `namespace`
+    /// beside --pod-name.
+    #[arg(long, value_name = "NAME", env = "POD_NAMESPACE", help_heading = "Kubernetes")]
+    pub pod_namespace: Option<String>,
+
+    /// The kubelet's pod log directory, whose entries <namespace>_<pod>_<uid> name the pod of
+    /// each pod uid a process's cgroup shows (mount it read-only into the agent's container).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_POD_LOGS, env = "OBSERVER_POD_LOGS",
+          help_heading = "Kubernetes")]
+    pub pod_logs: PathBuf,
+}
+
+impl PlacementArgs {
+    fn options(&self, all_namespaces: bool) -> WorkloadOptions {
+        WorkloadOptions {
+            placement: Placement {
+                node: self.node_name.clone(),
+                pod: self.pod_name.clone(),
+                namespace: self.pod_namespace.clone(),
+            },
+            pod_logs: self.pod_logs.clone(),
+            all_namespaces,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +194,14 @@ pub struct WatchArgs {
     #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pids: Vec<u32>,
+
+    /// Node mode: watch every TCP socket in every network namespace of the machine (each
+    /// container's and pod's), found through /proc/*/ns/net at every poll, so that namespaces
+    /// created later are watched from the next poll on. Needs the host's processes in view
+    /// (Kubernetes: hostPID) and CAP_SYS_ADMIN to enter the namespaces. Combines with --port,
+    /// --comm and --config.
+    #[arg(long, env = "OBSERVER_ALL_NAMESPACES", conflicts_with = "pids")]
+    pub all_namespaces: bool,
 
     /// With --pid: watch only the named processes, not what they fork.
     #[arg(long, env = "OBSERVER_PID_ONLY", requires = "pids")]
@@ -242,6 +299,9 @@ pub struct WatchArgs {
     /// Example: --metrics-addr 127.0.0.1:9464 (0.0.0.0:9464 for every interface)
     #[arg(long, value_name = "ADDR:PORT", env = "OBSERVER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub placement: PlacementArgs,
 }
 
 /// One optional flag per threshold (see `detect::thresholds`); unset ones leave the policy
@@ -328,6 +388,8 @@ impl WatchArgs {
                 descendants: !self.pid_only,
                 comms: self.comms.clone(),
             },
+            all_namespaces: self.all_namespaces,
+            workloads: self.placement.options(self.all_namespaces),
             ports: self.ports.clone(),
             poll_interval: self.poll_interval,
             probes: self.probes,
@@ -358,6 +420,7 @@ impl KillArgs {
             remote: self.remote,
             mode: self.mode,
             dry_run: self.dry_run,
+            workloads: self.placement.options(false),
         }
     }
 }

@@ -59,10 +59,11 @@ pub mod fuzzing {
         let _ = TcpInfo::parse(datagram);
     }
 
-    /// /proc/PID/stat and /proc/PID/task/TID/syscall lines.
+    /// /proc/PID/stat, /proc/PID/task/TID/syscall and /proc/PID/cgroup text.
     pub fn procfs(text: &str) {
         let _ = procfs::ProcessEntry::parse(1, text);
         let _ = procfs::parse_syscall_line(text);
+        let _ = procfs::cgroup::parse(text);
     }
 
     /// Kernel BTF, and the look-ups the agent makes in it.

@@ -12,7 +12,7 @@ use crate::{
         sock_diag::{DiagSocket, DiagSocketHandle},
     },
     report::{ActionEvent, Event, Output},
-    snapshot::Identity,
+    snapshot::{Identity, WorkloadOptions, workload::Resolver},
 };
 
 /// Which connection to end, and how.
@@ -26,17 +26,17 @@ pub struct Options {
     pub remote: Option<SocketAddr>,
     pub mode: Mode,
     pub dry_run: bool,
+    /// What names the socket's container, pod and node in the `action` line.
+    pub workloads: WorkloadOptions,
 }
 
 pub fn run(args: &Options) -> anyhow::Result<ExitCode> {
     let requested = Identity {
         pid: Some(args.pid),
-        comm: None,
-        fd: None,
         cookie: args.cookie,
         local: args.local,
         remote: args.remote,
-        state: None,
+        ..Identity::of_none()
     };
     let (identity, result) = match resolve(args) {
         Ok((target, identity, mut diag)) => {
@@ -114,6 +114,9 @@ fn resolve(args: &Options) -> Result<Resolved, Box<Refused>> {
         local: Some(socket.local.addr()),
         remote: Some(socket.remote.addr()),
         state: Some(socket.state.name()),
+        // The socket table was read in the process's namespace.
+        netns: netns::of_pid(args.pid).ok(),
+        workload: Some(Resolver::new(&args.workloads).process_once(args.pid)),
     };
     if socket.state == TcpState::Listen {
         let msg = "refusing to end a listening socket: that stops the service; end its connections instead";

@@ -2,6 +2,7 @@
 //! logic over snapshots; the only state is what the rules need to remember between polls, and
 //! the only clock is the snapshot's.
 mod history;
+mod matchers;
 pub mod policy;
 pub mod reason;
 pub mod rules;
@@ -128,8 +129,15 @@ impl Detector {
                 .entry(process.pid)
                 .and_modify(|h| h.update(process, now, generation))
                 .or_insert_with(|| ProcessHistory::new(process, generation));
-            let subject =
-                Subject { pid: Some(process.pid), comm: Some(&process.comm), ..Default::default() };
+            let workload = process.workload.as_deref();
+            let subject = Subject {
+                pid: Some(process.pid),
+                comm: Some(&process.comm),
+                container_id: workload.and_then(|w| w.container_id.as_deref()),
+                pod: workload.and_then(|w| w.pod.as_deref()),
+                namespace: workload.and_then(|w| w.namespace.as_deref()),
+                ..Default::default()
+            };
             let applied = self.policy.apply(&subject);
             if let Some(facts) = rules::fd_pressure(process, history, now, &applied.thresholds)
                 .filter(|f| !applied.ignored.contains(f.reason()))
@@ -151,11 +159,15 @@ impl Detector {
             if present.is_none() && !fresh.contains(&cookie) {
                 return false;
             }
+            let workload = reset.workload.as_deref();
             let subject = Subject {
                 local_port: Some(reset.local.port()),
                 remote_ip: Some(reset.remote.ip()),
                 pid: Some(reset.pid),
                 comm: Some(&reset.comm),
+                container_id: workload.and_then(|w| w.container_id.as_deref()),
+                pod: workload.and_then(|w| w.pod.as_deref()),
+                namespace: workload.and_then(|w| w.namespace.as_deref()),
             };
             let applied = policy.apply(&subject);
             if !applied.ignored.contains(Reason::ResetUnread) {
@@ -173,11 +185,15 @@ impl Detector {
 
 /// What policy rules match a socket against.
 fn subject_of(socket: &SocketView) -> Subject<'_> {
+    let workload = socket.workload.as_deref();
     Subject {
         local_port: Some(socket.local().port()),
         remote_ip: Some(socket.remote().ip()),
         pid: socket.owner.as_ref().map(|o| o.pid),
         comm: socket.owner.as_ref().map(|o| &*o.comm),
+        container_id: workload.and_then(|w| w.container_id.as_deref()),
+        pod: workload.and_then(|w| w.pod.as_deref()),
+        namespace: workload.and_then(|w| w.namespace.as_deref()),
     }
 }
 

@@ -275,6 +275,8 @@ fn process(fds: u32, limit: Option<u64>, accept_errors: u64) -> ProcessView {
         fds_used: fds,
         fd_limit: limit,
         accept_errors: Some(accept_errors),
+        netns: None,
+        workload: None,
     }
 }
 
@@ -325,6 +327,8 @@ fn reset(cookie: u64) -> ResetView {
         direction: Direction::Send,
         unread: 17,
         unsent: 0,
+        netns: None,
+        workload: None,
     }
 }
 

@@ -6,7 +6,10 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use observer_common::{Direction, TcpState, ThreadSyscall, ThreadTcpCall};
 use serde::Serialize;
 
-pub use self::collect::Collector;
+pub use self::{
+    collect::{Collector, Scope},
+    workload::{Placement, Workload, WorkloadOptions},
+};
 use crate::{
     fastmap::FastMap,
     kernel::{probes::Activity, procfs::Owner, sock_diag::DiagSocket},
@@ -14,6 +17,7 @@ use crate::{
 
 mod collect;
 pub mod targets;
+pub mod workload;
 
 #[derive(Clone, Debug)]
 pub struct SocketView {
@@ -21,6 +25,8 @@ pub struct SocketView {
     /// The network namespace the socket lives in (where it must be acted on).
     pub netns: u64,
     pub owner: Option<Owner>,
+    /// The owner's container and pod (for a socket without owner, only the node).
+    pub workload: Option<Arc<Workload>>,
     pub activity: Option<Activity>,
 }
 
@@ -34,6 +40,8 @@ pub struct ProcessView {
     pub fd_limit: Option<u64>,
     /// accept() failures for lack of fds since the agent started (needs --pid).
     pub accept_errors: Option<u64>,
+    pub netns: Option<u64>,
+    pub workload: Option<Arc<Workload>>,
 }
 
 /// A data-losing reset the probes reported since the previous snapshot.
@@ -55,6 +63,9 @@ pub struct ResetView {
     pub direction: Direction,
     pub unread: u32,
     pub unsent: u32,
+    /// The socket's network namespace, when it is still in the snapshot.
+    pub netns: Option<u64>,
+    pub workload: Option<Arc<Workload>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -132,6 +143,12 @@ pub struct Identity {
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     pub state: Option<&'static str>,
+    /// Where it lives, each left out when not known: the network namespace (its nsfs inode),
+    /// then the container, pod and node ([`Workload`]'s fields, in that order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    #[serde(flatten)]
+    pub workload: Option<Arc<Workload>>,
 }
 
 impl Identity {
@@ -145,6 +162,8 @@ impl Identity {
             local: None,
             remote: None,
             state: None,
+            netns: None,
+            workload: None,
         }
     }
 
@@ -157,6 +176,8 @@ impl Identity {
             local: Some(socket.local()),
             remote: Some(socket.remote()),
             state: Some(socket.diag.state.name()),
+            netns: Some(socket.netns),
+            workload: socket.workload.clone(),
         }
     }
 
@@ -169,6 +190,8 @@ impl Identity {
             local: None,
             remote: None,
             state: None,
+            netns: process.netns,
+            workload: process.workload.clone(),
         }
     }
 
@@ -181,6 +204,8 @@ impl Identity {
             local: Some(reset.local),
             remote: Some(reset.remote),
             state: Some(reset.state.map_or("UNKNOWN", TcpState::name)),
+            netns: reset.netns,
+            workload: reset.workload.clone(),
         }
     }
 }
@@ -288,6 +313,7 @@ pub mod fixtures {
                 }),
             },
             owner: Some(Owner { pid: 42, fd: 3 + cookie as i32, comm: "server".into() }),
+            workload: None,
             activity: None,
         }
     }

@@ -12,8 +12,18 @@ pub type SocketOwners = FastMap<u32, Owner>;
 pub struct FdScan {
     /// Socket inode -> who holds it.
     pub owners: SocketOwners,
-    /// Process id -> (comm, open fds).
-    pub processes: FastMap<u32, (Arc<str>, u32)>,
+    /// Process id -> its name, start time and open fds.
+    pub processes: FastMap<u32, HeldFds>,
+}
+
+/// A process whose fd table was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldFds {
+    pub comm: Arc<str>,
+    /// Clock ticks after boot: tells the process from a later one that reused its pid.
+    pub start_time: u64,
+    /// Open fds.
+    pub count: u32,
 }
 
 /// Reads the fd tables of `pids`, or of every process when `pids` is `None`, from scratch.
@@ -83,9 +93,9 @@ impl FdCache {
         }
         // Other fds opened or closed: fd_pressure needs the count.
         let mut counts_known = true;
-        for (&pid, (_, fds)) in &self.last.processes {
+        for (&pid, held) in &self.last.processes {
             match fd_count(pid) {
-                Some(n) if n != *fds => return true,
+                Some(n) if n != held.count => return true,
                 Some(_) => {}
                 None => counts_known = false,
             }
@@ -118,7 +128,12 @@ impl FdCache {
                     });
                 }
             }
-            result.processes.insert(pid, (cached.comm.clone(), cached.fds.len() as u32));
+            let held = HeldFds {
+                comm: cached.comm.clone(),
+                start_time: cached.start_time,
+                count: cached.fds.len() as u32,
+            };
+            result.processes.insert(pid, held);
             seen.insert(pid, cached);
         }
         // Processes gone (or out of scope) are forgotten.
@@ -199,7 +214,7 @@ mod tests {
         let table: FastSet<u32> = [listener_inode].into_iter().collect();
         let first = cache.scan(Some(&[me]), &table);
         assert_eq!(first.owners[&listener_inode].fd, listener.as_raw_fd());
-        assert!(first.processes[&me].1 >= 1);
+        assert!(first.processes[&me].count >= 1);
         // Close the listener and open another socket: it may take the same fd number. Its
         // inode is new to the cache, and the old one left the table: the cache rescans.
         drop(listener);
