@@ -14,7 +14,7 @@ use observer_tests::{
     Agent, Scenario, Server, as_u64, is_event_for,
     kubepods::FakeNode,
     netns::{NetPair, SERVER_IP},
-    podman::{LIMITS, Pod, observer_image, podman, testbed_image},
+    podman::{DAEMONSET_CAPABILITIES, LIMITS, Pod, observer_image, podman, testbed_image},
     public_copy, remote_of, scenario_bin, start_agent,
 };
 use serde_json::Value;
@@ -255,9 +255,6 @@ impl Drop for Removed {
     }
 }
 
-/// What deploy/kubernetes/daemonset.yaml grants the agent, as podman flags.
-const DAEMONSET_CAPABILITIES: &str = "BPF,PERFMON,SYS_PTRACE,DAC_READ_SEARCH,SYS_ADMIN,NET_ADMIN";
-
 #[test]
 fn the_daemonsets_privileges_and_mounts_are_enough() {
     // A pod's server of another user (pods rarely run as root), in a namespace of its own and
@@ -277,7 +274,13 @@ fn the_daemonsets_privileges_and_mounts_are_enough() {
     command
         .args(["run", "--rm", "--name", &name, "--pid", "host", "--network", "none", "--read-only"])
         .args(LIMITS)
-        .args(["--cap-drop", "ALL", "--cap-add", DAEMONSET_CAPABILITIES, "--security-opt"])
+        .args([
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            &DAEMONSET_CAPABILITIES.join(","),
+            "--security-opt",
+        ])
         .arg(format!("seccomp={}", seccomp.display()))
         .arg("--volume")
         .arg(format!("{}:/var/log/pods:ro", node.pod_logs.display()))
