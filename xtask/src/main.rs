@@ -26,9 +26,10 @@ usage: cargo xtask <command>
   bench [--smoke] [--only PART]
                    measure every performance figure against its baseline measured in the same
                    run (hot-path overhead, per-event cost, detection latency, churn, poll cost
-                   and memory at 10k-100k connections) and write docs/benchmarks.md (~6 min).
-                   --smoke: toy sizes, seconds (CI). --only hot-path|per-event|latency|scale|churn:
-                   one part, report not written
+                   and memory at 10k-100k connections, node mode with 500 containers) and write
+                   docs/benchmarks.md (~8 min). --smoke: toy sizes, seconds (CI).
+                   --only hot-path|per-event|latency|scale|identity|churn: one part, report not
+                   written
   fuzz [--seconds N]
                    feed each parser of outside input (policy file, sock_diag, /proc, BTF) to
                    libFuzzer for N seconds (default 300) from fuzz/corpus
