@@ -59,7 +59,7 @@ struct Run {
 }
 
 pub(super) fn identity(figures: &mut Vec<Figure>, opts: Options) -> Result<()> {
-    let (processes, rounds, seconds) = if opts.smoke { (20, 1, 4) } else { (500, 4, 10) };
+    let (processes, rounds, seconds) = if opts.smoke { (20, 1, 4) } else { (500, 6, 10) };
     let contained = clients(processes)?;
     let bare = clients(processes)?;
     let mut node = FakeNode::create();
