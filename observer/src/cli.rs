@@ -129,13 +129,7 @@ pub struct PlacementArgs {
     /// The agent's own pod (POD_NAME from the Downward API, metadata.name). Without
     /// --all-namespaces, sockets of processes in the agent's network namespace (a sidecar's
     /// neighbours) carry it as `pod`, when no pod log names their pod.
-    #[arg(
-        long,
-        value_name = "NAME",
-        env = "POD_NAME",
-        help_heading = "Kubernetes",
-        requires = "pod_namespace"
-    )]
+    #[arg(long, value_name = "NAME", env = "POD_NAME", help_heading = "Kubernetes")]
     pub pod_name: Option<String>,
 
     /// The agent's own pod's namespace (POD_NAMESPACE, metadata.namespace), as `namespace`
@@ -529,6 +523,30 @@ mod tests {
             let err = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn node_mode_and_placement_flags() {
+        let cli = Cli::try_parse_from([
+            "observer",
+            "watch",
+            "--all-namespaces",
+            "--port",
+            "8080",
+            "--node-name",
+            "node-1",
+            "--pod-logs",
+            "/srv/pods",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let options = w.options();
+        assert!(options.all_namespaces && options.workloads.all_namespaces);
+        assert_eq!(options.workloads.placement.node.as_deref(), Some("node-1"));
+        assert_eq!(options.workloads.pod_logs, PathBuf::from("/srv/pods"));
+        let err = Cli::try_parse_from(["observer", "watch", "--all-namespaces", "--pid", "1"])
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 2, "--pid already follows its process's namespace");
     }
 
     #[test]

@@ -74,9 +74,9 @@ const RELIST_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Resolver {
     node: Option<Arc<str>>,
-    /// The agent's pod (name, namespace), for processes in its network namespace: a sidecar's
-    /// neighbours. `None` in node mode.
-    own_pod: Option<(Arc<str>, Arc<str>)>,
+    /// The agent's pod (name, and namespace if given), for processes in its network namespace:
+    /// a sidecar's neighbours. `None` in node mode.
+    own_pod: Option<(Arc<str>, Option<Arc<str>>)>,
     own_netns: Option<u64>,
     pods: PodDirectory,
     processes: FastMap<u32, Cached>,
@@ -99,9 +99,10 @@ struct Cached {
 impl Resolver {
     pub fn new(options: &WorkloadOptions) -> Resolver {
         let node: Option<Arc<str>> = options.placement.node.as_deref().map(Arc::from);
-        let own_pod = match (&options.placement.pod, &options.placement.namespace) {
-            (Some(pod), Some(namespace)) if !options.all_namespaces => {
-                Some((Arc::from(pod.as_str()), Arc::from(namespace.as_str())))
+        let own_pod = match &options.placement.pod {
+            Some(pod) if !options.all_namespaces => {
+                let namespace = options.placement.namespace.as_deref().map(Arc::from);
+                Some((Arc::from(pod.as_str()), namespace))
             }
             _ => None,
         };
@@ -206,7 +207,7 @@ impl Resolver {
             && netns.is_some()
             && netns == self.own_netns
         {
-            (workload.pod, workload.namespace) = (Some(pod.clone()), Some(namespace.clone()));
+            (workload.pod, workload.namespace) = (Some(pod.clone()), namespace.clone());
             return (workload, None);
         }
         let unnamed = cgroup.pod_uid.is_some().then_some(self.pods.listing);
