@@ -4,7 +4,8 @@
 //! The modules are layers, and each imports only from the layers before it:
 //!
 //! 1. `kernel`: what the kernel says: the BPF probes, sock_diag, /proc, BTF.
-//! 2. `snapshot`: one poll's joined view of the watched sockets and processes.
+//! 2. `snapshot`: one poll's joined view of the watched sockets and processes, and where each
+//!    lives (network namespace, container, pod).
 //! 3. `detect`: pure rules from snapshots to findings, with their thresholds and policy.
 //! 4. `alerts`: findings become alerts raised and cleared once, with the threads stuck on them.
 //! 5. `act` and `report`: ending connections; the JSON-lines events on stdout, and the Prometheus
