@@ -16,14 +16,14 @@ const MAX_TRACKED_SOCKETS: i64 = 1 << 27;
 const MAX_PID: i64 = 1 << 22;
 
 use crate::{
-    act::Mode,
+    act::{Mode, manual::Request},
     commands::{check, kill, top, watch},
     detect::{
         Reason,
         thresholds::{Overrides, ThresholdValue, with_thresholds},
     },
     kernel::probes::ProbeChoice,
-    snapshot::targets::Selector,
+    snapshot::{Placement, WorkloadOptions, targets::Selector, workload::DEFAULT_POD_LOGS},
     units,
 };
 
@@ -133,6 +133,49 @@ pub struct KillArgs {
     /// Find and check the socket, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+}
+
+/// Where the agent runs and where the node keeps pod logs: what names each socket's pod.
+#[derive(Debug, Args)]
+pub struct PlacementArgs {
+    /// The node's name, put on every alert, clear and action as `node` (Kubernetes: NODE_NAME
+    /// from the Downward API, spec.nodeName).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME", help_heading = "Kubernetes")]
+    pub node_name: Option<String>,
+
+    /// The agent's own pod (POD_NAME from the Downward API, metadata.name). Without
+    /// --all-namespaces, sockets of processes in the agent's network namespace (a sidecar's
+    /// neighbours) carry it as `pod`, when no pod log names their pod.
+    #[arg(long, value_name = "NAME", env = "POD_NAME", help_heading = "Kubernetes")]
+    pub pod_name: Option<String>,
+
+    /// The agent's own pod's namespace (POD_NAMESPACE, metadata.namespace), as `namespace`
+    /// beside --pod-name.
+    #[arg(long, value_name = "NAME", env = "POD_NAMESPACE", help_heading = "Kubernetes")]
+    pub pod_namespace: Option<String>,
+
+    /// The kubelet's pod log directory, whose entries <namespace>_<pod>_<uid> name the pod of
+    /// each pod uid a process's cgroup shows (mount it read-only into the agent's container).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_POD_LOGS, env = "OBSERVER_POD_LOGS",
+          help_heading = "Kubernetes")]
+    pub pod_logs: PathBuf,
+}
+
+impl PlacementArgs {
+    fn options(&self, all_namespaces: bool) -> WorkloadOptions {
+        WorkloadOptions {
+            placement: Placement {
+                node: self.node_name.clone(),
+                pod: self.pod_name.clone(),
+                namespace: self.pod_namespace.clone(),
+            },
+            pod_logs: self.pod_logs.clone(),
+            all_namespaces,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +210,14 @@ pub struct EngineArgs {
     #[arg(long = "pid", value_name = "PID", env = "OBSERVER_PID", value_delimiter = ',',
           value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pids: Vec<u32>,
+
+    /// Node mode: watch every TCP socket in every network namespace of the machine (each
+    /// container's and pod's), found through /proc/*/ns/net at every poll, so that namespaces
+    /// created later are watched from the next poll on. Needs the host's processes in view
+    /// (Kubernetes: hostPID) and CAP_SYS_ADMIN to enter the namespaces. Combines with --port,
+    /// --comm and --config.
+    #[arg(long, env = "OBSERVER_ALL_NAMESPACES", conflicts_with = "pids")]
+    pub all_namespaces: bool,
 
     /// With --pid: watch only the named processes, not what they fork.
     #[arg(long, env = "OBSERVER_PID_ONLY", requires = "pids")]
@@ -240,6 +291,9 @@ pub struct EngineArgs {
           env = "OBSERVER_MAX_SOCKETS",
           value_parser = clap::value_parser!(u32).range(64..=MAX_TRACKED_SOCKETS))]
     pub max_sockets: u32,
+
+    #[command(flatten)]
+    pub placement: PlacementArgs,
 }
 
 #[derive(Debug, Args)]
@@ -386,6 +440,8 @@ impl EngineArgs {
                 descendants: !self.pid_only,
                 comms: self.comms.clone(),
             },
+            all_namespaces: self.all_namespaces,
+            workloads: self.placement.options(self.all_namespaces),
             ports: self.ports.clone(),
             poll_interval: self.poll_interval,
             probes: self.probes,
@@ -424,12 +480,15 @@ impl TopArgs {
 impl KillArgs {
     pub fn options(&self) -> kill::Options {
         kill::Options {
-            pid: self.pid,
-            cookie: self.cookie,
-            local: self.local,
-            remote: self.remote,
-            mode: self.mode,
-            dry_run: self.dry_run,
+            request: Request {
+                pid: self.pid,
+                cookie: self.cookie,
+                local: self.local,
+                remote: self.remote,
+                mode: self.mode,
+                dry_run: self.dry_run,
+            },
+            workloads: self.placement.options(false),
         }
     }
 }
@@ -546,6 +605,30 @@ mod tests {
             let err = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn node_mode_and_placement_flags() {
+        let cli = Cli::try_parse_from([
+            "observer",
+            "watch",
+            "--all-namespaces",
+            "--port",
+            "8080",
+            "--node-name",
+            "node-1",
+            "--pod-logs",
+            "/srv/pods",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command else { panic!("not watch") };
+        let options = w.options();
+        assert!(options.all_namespaces && options.workloads.all_namespaces);
+        assert_eq!(options.workloads.placement.node.as_deref(), Some("node-1"));
+        assert_eq!(options.workloads.pod_logs, PathBuf::from("/srv/pods"));
+        let err = Cli::try_parse_from(["observer", "watch", "--all-namespaces", "--pid", "1"])
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 2, "--pid already follows its process's namespace");
     }
 
     #[test]

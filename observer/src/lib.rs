@@ -4,7 +4,8 @@
 //! The modules are layers, and each imports only from the layers before it:
 //!
 //! 1. `kernel`: what the kernel says: the BPF probes, sock_diag, /proc, BTF.
-//! 2. `snapshot`: one poll's joined view of the watched sockets and processes.
+//! 2. `snapshot`: one poll's joined view of the watched sockets and processes, and where each
+//!    lives (network namespace, container, pod).
 //! 3. `detect`: pure rules from snapshots to findings, with their thresholds and policy.
 //! 4. `alerts`: findings become alerts raised and cleared once, with the threads stuck on them.
 //! 5. `act` and `report`: ending connections; the JSON-lines events on stdout, and the Prometheus
@@ -62,10 +63,11 @@ pub mod fuzzing {
         let _ = TcpInfo::parse(datagram);
     }
 
-    /// /proc/PID/stat and /proc/PID/task/TID/syscall lines.
+    /// /proc/PID/stat, /proc/PID/task/TID/syscall and /proc/PID/cgroup text.
     pub fn procfs(text: &str) {
         let _ = procfs::ProcessEntry::parse(1, text);
         let _ = procfs::parse_syscall_line(text);
+        let _ = procfs::cgroup::parse(text);
     }
 
     /// Kernel BTF, and the look-ups the agent makes in it.

@@ -1,5 +1,6 @@
 //! Harness for observer's integration tests: runs the real agent binary and the scenario
 //! programs, and waits (with deadlines, never fixed sleeps) for the JSON lines they print.
+pub mod kubepods;
 pub mod netns;
 pub mod nginx;
 pub mod podman;

@@ -28,6 +28,11 @@ pub fn podman() -> Command {
     c
 }
 
+/// The capabilities deploy/kubernetes/daemonset.yaml grants the node agent: what the node tests
+/// run it with in a container, and prove enough.
+pub const DAEMONSET_CAPABILITIES: [&str; 6] =
+    ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN", "NET_ADMIN"];
+
 /// Resource limits no higher than the test session's own (no CAP_SYS_RESOURCE here).
 pub const LIMITS: [&str; 4] = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"];
 

@@ -239,6 +239,8 @@ fn destroy_works_in_the_target_network_namespace() {
     let accepted = server.accepted(&client);
     let (code, action) = kill_by_addresses(&server, &accepted, &client);
     assert_eq!((code, action["result"].as_str()), (Some(0), Some("ok")), "{action}");
+    let netns = std::fs::metadata(format!("/proc/{}/ns/net", server.pid)).unwrap();
+    assert_eq!(as_u64(&action["netns"]), std::os::unix::fs::MetadataExt::ino(&netns), "{action}");
     assert_eq!(closed(&mut server, &accepted)["errno"], ECONNABORTED);
     assert_eq!(
         client_sees(&mut client).map_err(|e| e.kind()).unwrap_err(),

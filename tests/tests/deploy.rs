@@ -3,7 +3,7 @@
 //! give the agent are ones the agent has.
 use std::{path::PathBuf, process::Command};
 
-use observer_tests::observer_bin;
+use observer_tests::{observer_bin, podman::DAEMONSET_CAPABILITIES};
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -56,10 +56,12 @@ fn manifests_configure_only_variables_the_agent_has() {
     let help = String::from_utf8_lossy(&help.stdout);
     for manifest in manifests() {
         let text = std::fs::read_to_string(&manifest).unwrap();
+        // Environment variables (upper case), not containers, ports or volumes: OBSERVER_*
+        // and the Downward API's NODE_NAME, POD_NAME and POD_NAMESPACE alike.
         let names = text
             .lines()
             .filter_map(|l| l.trim().trim_start_matches('#').trim().strip_prefix("- name: "))
-            .filter(|n| n.starts_with("OBSERVER_"));
+            .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
         for name in names {
             assert!(
                 help.contains(&format!("[env: {name}=")),
@@ -77,4 +79,23 @@ fn the_sidecar_gets_the_capabilities_the_podman_tests_prove_enough() {
     assert!(text.contains(r#"add: ["BPF", "PERFMON", "SYS_PTRACE", "NET_ADMIN"]"#));
     assert!(text.contains("type: Localhost"), "observer's seccomp profile, not the runtime's");
     assert!(deploy_dir().join("seccomp.json").exists());
+}
+
+#[test]
+fn the_daemonset_gets_what_the_node_tests_prove_enough() {
+    let text = std::fs::read_to_string(deploy_dir().join("kubernetes/daemonset.yaml")).unwrap();
+    let quoted: Vec<String> = DAEMONSET_CAPABILITIES.iter().map(|c| format!("\"{c}\"")).collect();
+    assert!(text.contains(r#"drop: ["ALL"]"#), "all capabilities dropped first");
+    assert!(text.contains(&format!("add: [{}]", quoted.join(", "))));
+    assert!(text.contains("type: Localhost"), "observer's seccomp profile, not the runtime's");
+    assert!(text.contains("hostPID: true"), "the node's processes, for their namespaces");
+    assert!(!text.contains("hostNetwork: true"), "every namespace is reached through /proc");
+    assert!(!text.contains("privileged: true"));
+    // The one host path: the pod logs, read only.
+    assert_eq!(text.matches("hostPath:").count(), 1);
+    assert!(text.contains("path: /var/log/pods"));
+    assert!(text.contains("mountPath: /var/log/pods\n              readOnly: true"));
+    for wanted in ["OBSERVER_ALL_NAMESPACES", "OBSERVER_METRICS_ADDR", "NODE_NAME", "/healthz"] {
+        assert!(text.contains(wanted), "{wanted}");
+    }
 }

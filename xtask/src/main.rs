@@ -25,10 +25,12 @@ usage: cargo xtask <command>
   test             setup, lint, unit tests, build, the privileged integration tests, then vm-test
   bench [--smoke] [--only PART]
                    measure every performance figure against its baseline measured in the same
-                   run (hot-path overhead, per-event cost, detection latency, churn, poll cost
-                   and memory at 10k-100k connections) and write docs/benchmarks.md (~6 min).
-                   --smoke: toy sizes, seconds (CI). --only hot-path|per-event|latency|scale|churn:
-                   one part, report not written
+                   run (hot-path overhead on the echo server and nginx, per-event cost,
+                   detection latency, churn, poll cost and memory at 10k-100k connections and a
+                   late attach, top's drawing, node mode with 500 containers) and write
+                   docs/benchmarks.md (~15 min). --smoke: toy sizes, seconds (CI).
+                   --only hot-path|per-event|latency|scale|top|identity|churn: one part, report
+                   not written
   fuzz [--seconds N]
                    feed each parser of outside input (policy file, sock_diag, /proc, BTF) to
                    libFuzzer for N seconds (default 300) from fuzz/corpus

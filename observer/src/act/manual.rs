@@ -13,7 +13,7 @@ use crate::{
         procfs::{self, ProcError, ProcessIdentity},
         sock_diag::{DiagSocket, DiagSocketHandle},
     },
-    snapshot::Identity,
+    snapshot::{Identity, WorkloadOptions, workload::Resolver},
 };
 
 /// Which connection to end, and how.
@@ -31,8 +31,8 @@ pub struct Request {
 
 /// Finds the socket and ends it (or, in a dry run, checks it): the identity of what was found
 /// (or, when nothing was, what was asked for) and the result.
-pub fn end(request: &Request) -> (Identity, ActResult) {
-    match resolve(request) {
+pub fn end(request: &Request, workloads: &WorkloadOptions) -> (Identity, ActResult) {
+    match resolve(request, workloads) {
         Ok((target, identity, mut diag)) => {
             (identity, super::perform(request.mode, &target, &mut diag, request.dry_run))
         }
@@ -77,7 +77,7 @@ fn refuse(identity: Option<Identity>, outcome: Outcome, msg: impl Into<String>) 
 }
 
 /// Finds the one socket the request names, held by its process, or says why not.
-fn resolve(request: &Request) -> Result<Resolved, Box<Refused>> {
+fn resolve(request: &Request, workloads: &WorkloadOptions) -> Result<Resolved, Box<Refused>> {
     // Destroying always needs CAP_NET_ADMIN; shutting down needs ptrace access, which a
     // process of the same user may have without CAP_SYS_PTRACE: the attempt tells.
     if request.mode == Mode::Destroy && !Caps::effective().has(Cap::NetAdmin) {
@@ -122,6 +122,9 @@ fn resolve(request: &Request) -> Result<Resolved, Box<Refused>> {
         local: Some(socket.local.addr()),
         remote: Some(socket.remote.addr()),
         state: Some(socket.state.name()),
+        // The socket table was read in the process's namespace.
+        netns: netns::of_pid(pid).ok(),
+        workload: Some(Resolver::new(workloads).process_once(pid)),
     };
     if socket.state == TcpState::Listen {
         let msg = "refusing to end a listening socket: that stops the service; end its connections instead";

@@ -1,14 +1,26 @@
 //! `observer kill`: end one stuck connection by hand, printing one `action` line.
 use std::{process::ExitCode, time::SystemTime};
 
-pub use crate::act::manual::Request as Options;
 use crate::{
-    act::{Outcome, manual},
+    act::{
+        Outcome,
+        manual::{self, Request},
+    },
     report::{ActionEvent, Event, Output},
+    snapshot::WorkloadOptions,
 };
 
-pub fn run(args: &Options) -> anyhow::Result<ExitCode> {
-    let (identity, result) = manual::end(args);
+/// Which connection to end and how, and what names its container, pod and node in the
+/// `action` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub request: Request,
+    pub workloads: WorkloadOptions,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<ExitCode> {
+    let args = &options.request;
+    let (identity, result) = manual::end(args, &options.workloads);
     if let Some(error) = &result.error {
         log::error!("{error}");
     }

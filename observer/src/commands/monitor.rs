@@ -24,7 +24,7 @@ use crate::{
         metrics::PollSample, timestamp,
     },
     snapshot::{
-        Collector, Snapshot,
+        Collector, Scope, Snapshot,
         targets::{Changes, Targets, Why},
     },
 };
@@ -56,6 +56,7 @@ const FULL_MAP_WARNING_EVERY: Duration = Duration::from_secs(600);
 pub struct PollStats {
     pub polls: u64,
     pub sockets: usize,
+    pub namespaces: usize,
     pub tracked: usize,
     pub map_entries: usize,
     pub last_poll: Duration,
@@ -69,13 +70,31 @@ impl Monitor {
     /// Checks privileges and targets, loads the probes; returns the monitor and its `started`
     /// event. Nothing is printed here.
     pub fn start(args: &Options) -> anyhow::Result<(Monitor, StartedEvent)> {
-        let missing = Caps::effective().missing_to_load();
+        let caps = Caps::effective();
+        let missing = caps.missing_to_load();
         if !missing.is_empty() {
             bail!(
                 "observer needs {} to load its probes (missing {}): run it as root or grant them",
                 names(&[Cap::Bpf, Cap::Perfmon]),
                 names(&missing)
             );
+        }
+        if args.all_namespaces {
+            if !caps.has(Cap::SysAdmin) {
+                bail!(
+                    "--all-namespaces needs {} to enter other network namespaces (setns): run \
+                     observer as root or grant it",
+                    Cap::SysAdmin
+                );
+            }
+            let missing = caps.missing_to_inspect_others();
+            if !missing.is_empty() {
+                log::warn!(
+                    "without {}, sockets of other users' processes are alerted without their \
+                     owner",
+                    names(&missing)
+                );
+            }
         }
         let policy = match &args.config {
             Some(path) => Policy::from_file(path)?,
@@ -111,7 +130,12 @@ impl Monitor {
         for note in probes.notes() {
             log::warn!("{} backend: {note}", probes.backend().name());
         }
-        let collector = Collector::new((!everything).then_some(pids.as_slice()), &args.ports)?;
+        let scope = match (everything, args.all_namespaces) {
+            (false, _) => Scope::Processes(&pids),
+            (true, false) => Scope::OwnNamespace,
+            (true, true) => Scope::AllNamespaces,
+        };
+        let collector = Collector::new(scope, &args.ports, &args.workloads)?;
         let stats_enabled = if args.probe_stats {
             let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
                 .context("enabling BPF statistics (--probe-stats needs CAP_SYS_ADMIN)")?;
@@ -132,17 +156,21 @@ impl Monitor {
             pids: pids.clone(),
             comms: args.selector.comms.clone(),
             ports: args.ports.clone(),
+            all_namespaces: args.all_namespaces,
             kernel: system::kernel_release(),
             poll_interval_ms: args.poll_interval.as_millis() as u64,
             call_timing: probes.times_calls(),
             syscall_timing: probes.tracks_threads(),
             sleep_timing: probes.times_sleeps(),
             config: args.config.as_ref().map(|p| p.display().to_string()),
+            node: args.workloads.placement.node.clone(),
+            pod: args.workloads.placement.pod.clone(),
+            namespace: args.workloads.placement.namespace.clone(),
             thresholds: detector.policy().base(),
         };
         log::info!(
             "watching {} with the {} backend",
-            describe(&args.selector.comms, &pids, everything),
+            describe(&args.selector.comms, &pids, everything, args.all_namespaces),
             probes.backend().name()
         );
         let monitor = Monitor {
@@ -214,6 +242,7 @@ impl Monitor {
         log::debug!("detect: {:.1}ms", detecting.elapsed().as_secs_f64() * 1e3);
         self.stats.polls += 1;
         self.stats.sockets = snapshot.sockets.len();
+        self.stats.namespaces = self.collector.namespace_count();
         self.stats.tracked = snapshot.sockets.iter().filter(|s| s.diag.activity.is_some()).count();
         self.stats.map_entries = snapshot.map_entries;
         self.stats.last_poll = elapsed;
@@ -296,6 +325,7 @@ impl Monitor {
             duration,
             ok,
             sockets: self.stats.sockets,
+            namespaces: self.stats.namespaces,
             map_entries: self.stats.map_entries,
             map_capacity: self.probes.socket_capacity(),
             probe_counters: self.probes.counters(),
@@ -331,6 +361,7 @@ impl Monitor {
             ts: timestamp(SystemTime::now()),
             polls: self.stats.polls,
             sockets: self.stats.sockets,
+            namespaces: self.stats.namespaces,
             tracked: self.stats.tracked,
             alerts_active: self.book.active_count(),
             last_poll_ms: ms(self.stats.last_poll),
@@ -399,7 +430,10 @@ pub fn after_poll(stats: &PollStats) {
     }
 }
 
-fn describe(comms: &[String], pids: &[u32], everything: bool) -> String {
+fn describe(comms: &[String], pids: &[u32], everything: bool, all_namespaces: bool) -> String {
+    if everything && all_namespaces {
+        return "every TCP socket in every network namespace".to_owned();
+    }
     if everything {
         return "every TCP socket".to_owned();
     }

@@ -28,15 +28,19 @@ use crate::{
         metrics::Metrics,
         timestamp, writer,
     },
-    snapshot::targets::Selector,
+    snapshot::{WorkloadOptions, targets::Selector},
 };
 
 /// What `observer watch` was asked to do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Options {
     /// Which processes to watch; none in particular watches every TCP socket in the agent's
-    /// network namespace.
+    /// network namespace (with `all_namespaces`, in every one).
     pub selector: Selector,
+    /// Node mode: every network namespace of the machine, not only the agent's.
+    pub all_namespaces: bool,
+    /// Where the node keeps pod logs, and where the agent runs (for each socket's place).
+    pub workloads: WorkloadOptions,
     /// Only connections with one of these ports at either end (all when empty).
     pub ports: Vec<u16>,
     pub poll_interval: Duration,

@@ -3,6 +3,7 @@
 //! the only clock is the snapshot's.
 mod facts;
 mod history;
+mod matchers;
 pub mod policy;
 pub mod reason;
 pub mod rules;
@@ -129,8 +130,15 @@ impl Detector {
                 .entry(process.pid)
                 .and_modify(|h| h.update(process, now, generation))
                 .or_insert_with(|| ProcessHistory::new(process, now, generation));
-            let subject =
-                Subject { pid: Some(process.pid), comm: Some(&process.comm), ..Default::default() };
+            let workload = process.workload.as_deref();
+            let subject = Subject {
+                pid: Some(process.pid),
+                comm: Some(&process.comm),
+                container_id: workload.and_then(|w| w.container_id.as_deref()),
+                pod: workload.and_then(|w| w.pod.as_deref()),
+                namespace: workload.and_then(|w| w.namespace.as_deref()),
+                ..Default::default()
+            };
             let applied = self.policy.apply(&subject);
             let t = &applied.thresholds;
             let verdicts = [
@@ -157,11 +165,15 @@ impl Detector {
             if present.is_none() && !fresh.contains(&cookie) {
                 return false;
             }
+            let workload = reset.workload.as_deref();
             let subject = Subject {
                 local_port: Some(reset.local.port()),
                 remote_ip: Some(reset.remote.ip()),
                 pid: Some(reset.pid),
                 comm: Some(&reset.comm),
+                container_id: workload.and_then(|w| w.container_id.as_deref()),
+                pod: workload.and_then(|w| w.pod.as_deref()),
+                namespace: workload.and_then(|w| w.namespace.as_deref()),
             };
             let applied = policy.apply(&subject);
             if !applied.ignored.contains(Reason::ResetUnread) {
@@ -187,11 +199,15 @@ fn subject_of<'a>(snapshot: &'a Snapshot, socket: &'a SocketView) -> Subject<'a>
             None => (None, None),
         },
     };
+    let workload = socket.workload.as_deref();
     Subject {
         local_port: Some(socket.local().port()),
         remote_ip: Some(socket.remote().ip()),
         pid,
         comm,
+        container_id: workload.and_then(|w| w.container_id.as_deref()),
+        pod: workload.and_then(|w| w.pod.as_deref()),
+        namespace: workload.and_then(|w| w.namespace.as_deref()),
     }
 }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, de};
 use thiserror::Error;
 
 use super::{
+    matchers::{Cidr, ContainerIdPattern, NamePattern},
     reason::Reason,
     thresholds::{DEFAULT_THRESHOLDS, Overrides, Thresholds, threshold, with_thresholds},
 };
@@ -51,6 +52,10 @@ pub struct Subject<'a> {
     pub remote_ip: Option<IpAddr>,
     pub pid: Option<u32>,
     pub comm: Option<&'a str>,
+    /// Where the process runs, when known (see `snapshot::Workload`).
+    pub container_id: Option<&'a str>,
+    pub pod: Option<&'a str>,
+    pub namespace: Option<&'a str>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +66,9 @@ pub struct Rule {
     pub remote_cidrs: Vec<Cidr>,
     pub pids: Vec<u32>,
     pub comms: Vec<String>,
+    pub container_ids: Vec<ContainerIdPattern>,
+    pub pods: Vec<NamePattern>,
+    pub namespaces: Vec<NamePattern>,
     pub overrides: Overrides,
     pub ignore: ReasonSet,
 }
@@ -75,6 +83,9 @@ impl Rule {
             && fits(&self.remote_cidrs, s.remote_ip, |c, ip| c.contains(*ip))
             && fits(&self.pids, s.pid, |a, b| a == b)
             && fits(&self.comms, s.comm, |a, b| a == b)
+            && fits(&self.container_ids, s.container_id, |p, id| p.matches(id))
+            && fits(&self.pods, s.pod, |p, name| p.matches(name))
+            && fits(&self.namespaces, s.namespace, |p, name| p.matches(name))
     }
 }
 
@@ -154,6 +165,9 @@ impl Policy {
                 remote_cidrs: r.remote_cidr.clone(),
                 pids: r.pid.clone(),
                 comms: r.comm.clone(),
+                container_ids: r.container_id.clone(),
+                pods: r.pod.clone(),
+                namespaces: r.namespace.clone(),
                 overrides: r.overrides(),
                 ignore: r.ignore.iter().map(|n| n.0).collect(),
             })
@@ -190,7 +204,7 @@ impl Policy {
 
     /// The thresholds with no rule applied (what `started` reports).
     pub fn base(&self) -> Thresholds {
-        self.apply(&Subject { local_port: None, remote_ip: None, pid: None, comm: None }).thresholds
+        self.apply(&Subject::default()).thresholds
     }
 }
 
@@ -279,6 +293,12 @@ with_thresholds!(policy_section {
         pid: Vec<u32>,
         #[serde(default, deserialize_with = "one_or_many")]
         comm: Vec<String>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        container_id: Vec<ContainerIdPattern>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        pod: Vec<NamePattern>,
+        #[serde(default, deserialize_with = "one_or_many")]
+        namespace: Vec<NamePattern>,
     }
 });
 
@@ -326,57 +346,6 @@ where
     d.deserialize_any(Visit(std::marker::PhantomData))
 }
 
-/// An address block such as `10.0.0.0/8` or `2001:db8::/32`; a bare address is a block of one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        // An IPv4 client of a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let prefix = u32::from(self.prefix);
-        match (self.network, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("'{s}' is not an address block like 10.0.0.0/8 or 2001:db8::/32");
-        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
-        let network: IpAddr = addr.trim().parse().map_err(|_| bad())?;
-        let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
-            None => max,
-        };
-        Ok(Cidr { network, prefix })
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -410,6 +379,7 @@ slow_min_rate = 8
             remote_ip: Some(ip.parse().unwrap()),
             pid: Some(1),
             comm: Some(Box::leak(comm.to_owned().into_boxed_str())),
+            ..Subject::default()
         }
     }
 
@@ -469,6 +439,34 @@ slow_min_rate = 8
     }
 
     #[test]
+    fn rules_match_where_a_process_runs() {
+        let text = r#"
+[[rule]]
+name = "web pods"
+pod = "web-*"
+namespace = ["shop", "shop-staging"]
+idle_timeout = "10m"
+
+[[rule]]
+name = "one container"
+container_id = "4f1c8a3b9d2e"
+ignore = ["idle"]
+"#;
+        let policy = Policy::parse(text).unwrap();
+        let id = "4f1c8a3b9d2e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a";
+        let web =
+            Subject { pod: Some("web-7d9f8-x2x9q"), namespace: Some("shop"), ..Default::default() };
+        assert_eq!(policy.apply(&web).rule_name(), Some("web pods"));
+        let elsewhere = Subject { namespace: Some("other"), ..web };
+        assert_eq!(policy.apply(&elsewhere).rule_name(), None);
+        let container = Subject { container_id: Some(id), ..Default::default() };
+        assert!(policy.apply(&container).ignored.contains(Reason::Idle));
+        // Unknown is no match: a socket whose pod is not known is not a web pod.
+        let unknown = Subject { namespace: Some("shop"), ..Default::default() };
+        assert_eq!(policy.apply(&unknown).rule_name(), None);
+    }
+
+    #[test]
     fn rules_with_socket_keys_do_not_apply_to_processes() {
         let policy = Policy::parse("[[rule]]\nlocal_port = 80\nfd_threshold = 0.5\n").unwrap();
         let process = Subject { pid: Some(7), comm: Some("srv"), ..Default::default() };
@@ -497,6 +495,8 @@ slow_min_rate = 8
             ("[defaults]\nlocal_port = 80\n", 2, "local_port"),
             ("[[rule]\n", 1, ""),
             ("[[rule]]\nlocal_port = 70000\n", 2, ""),
+            ("[[rule]]\npod = \"Web_1\"\n", 2, "not a Kubernetes name"),
+            ("[[rule]]\ncontainer_id = [\"abc\"]\n", 2, "not a container id"),
         ];
         for (text, line, says) in cases {
             let e = error_of(text);
@@ -521,21 +521,6 @@ slow_min_rate = 8
     fn missing_file_says_so() {
         let err = Policy::from_file(Path::new("/nonexistent/observer.toml")).unwrap_err();
         assert!(err.to_string().contains("cannot read policy file /nonexistent/observer.toml"));
-    }
-
-    #[test]
-    fn cidr_matching() {
-        let c: Cidr = "10.0.0.0/8".parse().unwrap();
-        assert!(c.contains("10.255.0.1".parse().unwrap()));
-        assert!(!c.contains("11.0.0.1".parse().unwrap()));
-        assert!(!c.contains("::1".parse().unwrap()));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("203.0.113.9".parse().unwrap()));
-        let one: Cidr = "2001:db8::1".parse().unwrap();
-        assert!(one.contains("2001:db8::1".parse().unwrap()));
-        assert!(!one.contains("2001:db8::2".parse().unwrap()));
-        assert!("10.0.0.0/".parse::<Cidr>().is_err());
-        assert!("banana".parse::<Cidr>().is_err());
     }
 
     #[test]

@@ -326,6 +326,8 @@ fn reset(cookie: u64) -> ResetView {
         direction: Direction::Send,
         unread: 17,
         unsent: 0,
+        netns: None,
+        workload: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Network namespaces. sock_diag only sees the namespace its netlink socket was created in, so a
 //! target in a container (or a sidecar's neighbour) needs a socket created inside its namespace.
-use std::{fs::File, io, os::unix::fs::MetadataExt};
+use std::{collections::BTreeMap, fs::File, io, os::unix::fs::MetadataExt};
 
 use nix::sched::{CloneFlags, setns};
 
@@ -17,6 +17,20 @@ pub fn own() -> io::Result<NetnsId> {
     Ok(std::fs::metadata("/proc/self/ns/net")?.ino())
 }
 
+/// Every network namespace some process of this pid namespace lives in, each with the lowest
+/// pid living there: the door to enter it by. One stat of /proc/PID/ns/net per process.
+/// Processes that exit meanwhile, or that may not be inspected, are passed over.
+pub fn all() -> BTreeMap<NetnsId, u32> {
+    let mut found = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    for pid in dir.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        if let Ok(id) = of_pid(pid) {
+            found.entry(id).and_modify(|door: &mut u32| *door = (*door).min(pid)).or_insert(pid);
+        }
+    }
+    found
+}
+
 /// A sock_diag socket in the network namespace of `pid`.
 pub fn diag_socket_in(pid: u32) -> Result<DiagSocketHandle, DiagError> {
     let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(DiagError::Open)?;
@@ -31,4 +45,18 @@ pub fn diag_socket_in(pid: u32) -> Result<DiagSocketHandle, DiagError> {
     })
     .join()
     .unwrap_or_else(|_| Err(DiagError::Open(io::Error::other("namespace thread panicked"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_namespace_lists_this_process_s_own() {
+        let all = all();
+        let mine = own().unwrap();
+        let door = all[&mine];
+        assert!(door <= std::process::id());
+        assert_eq!(of_pid(door).unwrap(), mine);
+    }
 }

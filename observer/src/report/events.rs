@@ -98,6 +98,8 @@ pub struct StartedEvent {
     /// `--comm` names: every process so named is watched, as it comes and goes.
     pub comms: Vec<String>,
     pub ports: Vec<u16>,
+    /// Node mode: every network namespace of the machine is watched.
+    pub all_namespaces: bool,
     pub kernel: String,
     pub poll_interval_ms: u64,
     /// Whether the backend times threads inside TCP sends and receives (blocked_ms).
@@ -110,6 +112,14 @@ pub struct StartedEvent {
     pub sleep_timing: bool,
     /// The policy file in effect, if any.
     pub config: Option<String>,
+    /// Where the agent itself runs, as the Downward API says (NODE_NAME, POD_NAME,
+    /// POD_NAMESPACE); left out when not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Thresholds for connections no policy rule matches, each under its name and unit
     /// (`*_ms` for durations, ...).
     #[serde(flatten)]
@@ -122,6 +132,8 @@ pub struct StatsEvent {
     pub ts: String,
     pub polls: u64,
     pub sockets: usize,
+    /// Network namespaces read (with --all-namespaces, every one of the node).
+    pub namespaces: usize,
     pub tracked: usize,
     pub alerts_active: usize,
     pub last_poll_ms: f64,
@@ -278,6 +290,37 @@ mod tests {
     }
 
     #[test]
+    fn where_a_socket_lives_follows_its_state_and_unknowns_are_left_out() {
+        let mut socket = socket(7, TcpState::Established, 0, 0);
+        socket.netns = 4026532312;
+        socket.workload = Some(std::sync::Arc::new(crate::snapshot::Workload {
+            container_id: Some("ab".repeat(32)),
+            pod_uid: Some("0d2e6f14-5c7b-4c1a-9b8e-3f2a1d0c9b8a".into()),
+            pod: Some("web-0".into()),
+            namespace: Some("shop".into()),
+            node: Some("node-1".into()),
+        }));
+        let text = serde_json::to_string(&Identity::of_socket(&socket)).unwrap();
+        let expected = format!(
+            r#""state":"ESTABLISHED","netns":4026532312,"container_id":"{}","pod_uid":"0d2e6f14-5c7b-4c1a-9b8e-3f2a1d0c9b8a","pod":"web-0","namespace":"shop","node":"node-1"}}"#,
+            "ab".repeat(32)
+        );
+        assert!(text.ends_with(&expected), "{text}");
+        // Only the node known: the rest is left out, not null.
+        socket.workload = Some(std::sync::Arc::new(crate::snapshot::Workload {
+            node: Some("node-1".into()),
+            ..Default::default()
+        }));
+        let v = serde_json::to_value(Identity::of_socket(&socket)).unwrap();
+        for absent in ["container_id", "pod_uid", "pod", "namespace"] {
+            assert!(v.get(absent).is_none(), "{absent}: {v}");
+        }
+        assert_eq!(v["node"], "node-1");
+        let v = serde_json::to_value(Identity::of_none()).unwrap();
+        assert!(v.get("netns").is_none() && v.get("node").is_none(), "{v}");
+    }
+
+    #[test]
     fn ipv6_addresses_are_bracketed() {
         let mut socket = socket(1, TcpState::Established, 0, 0);
         socket.diag.local = "[::1]:8080".parse().unwrap();
@@ -333,6 +376,7 @@ mod tests {
             fds_used: 10,
             fd_limit: Some(11),
             accept_errors: None,
+            netns: Some(4026531840),
             ..Default::default()
         };
         let finding = Finding {

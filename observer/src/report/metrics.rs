@@ -34,6 +34,7 @@ pub struct Metrics {
     poll_duration: Histogram,
     poll_errors: Counter,
     sockets_watched: Gauge,
+    namespaces_watched: Gauge,
     map_entries: Gauge,
     map_capacity: Gauge,
     probe_events: Family<[Label; 1], Counter>,
@@ -54,6 +55,8 @@ pub struct PollSample {
     pub ok: bool,
     /// Sockets the poll looked at, and the probes' map fill and size.
     pub sockets: usize,
+    /// Network namespaces the poll read.
+    pub namespaces: usize,
     pub map_entries: usize,
     /// `None` for socket storage, which has no capacity (exported as 0).
     pub map_capacity: Option<u32>,
@@ -79,6 +82,7 @@ impl Metrics {
             poll_duration: Histogram::new(POLL_BUCKETS),
             poll_errors: Counter::default(),
             sockets_watched: Gauge::default(),
+            namespaces_watched: Gauge::default(),
             map_entries: Gauge::default(),
             map_capacity: Gauge::default(),
             probe_events: Family::default(),
@@ -132,6 +136,11 @@ impl Metrics {
             "observer_sockets_watched",
             "TCP sockets the last poll looked at",
             self.sockets_watched.clone(),
+        );
+        r.register(
+            "observer_namespaces_watched",
+            "Network namespaces the last poll read (with --all-namespaces, every one of the node)",
+            self.namespaces_watched.clone(),
         );
         r.register(
             "observer_probe_map_entries",
@@ -231,6 +240,7 @@ impl Metrics {
             return;
         }
         self.sockets_watched.set(sample.sockets as i64);
+        self.namespaces_watched.set(sample.namespaces as i64);
         self.map_entries.set(sample.map_entries as i64);
         self.map_capacity.set(i64::from(sample.map_capacity.unwrap_or(0)));
         for (&name, &total) in &sample.probe_counters {
@@ -293,12 +303,16 @@ mod tests {
             pids: vec![42],
             comms: vec![],
             ports: vec![],
+            all_namespaces: false,
             kernel: "6.18.44".into(),
             poll_interval_ms: 1000,
             call_timing: false,
             syscall_timing: false,
             sleep_timing: true,
             config: None,
+            node: None,
+            pod: None,
+            namespace: None,
             thresholds: DEFAULT_THRESHOLDS,
         })
     }
@@ -341,6 +355,7 @@ mod tests {
             duration: Duration::from_millis(3),
             ok: true,
             sockets: 7,
+            namespaces: 2,
             map_entries: 5,
             map_capacity: Some(65_536),
             probe_counters: counters.iter().copied().collect(),
@@ -361,6 +376,7 @@ mod tests {
             ("observer_poll_duration_seconds", "histogram"),
             ("observer_poll_errors_total", "counter"),
             ("observer_sockets_watched", "gauge"),
+            ("observer_namespaces_watched", "gauge"),
             ("observer_probe_map_entries", "gauge"),
             ("observer_probe_map_capacity", "gauge"),
             ("observer_probe_events_total", "counter"),
@@ -452,6 +468,7 @@ mod tests {
         assert_eq!(value(&text, "observer_events_dropped_total"), 3.0);
         // The failed poll left the last good figures.
         assert_eq!(value(&text, "observer_sockets_watched"), 7.0);
+        assert_eq!(value(&text, "observer_namespaces_watched"), 2.0);
         assert_eq!(value(&text, "observer_probe_map_entries"), 5.0);
         assert_eq!(value(&text, "observer_probe_map_capacity"), 65_536.0);
         assert_eq!(value(&text, "observer_poll_errors_total"), 1.0);

@@ -17,8 +17,9 @@ use anyhow::Context;
 use observer_common::{Direction, ResetEvent, TcpState, TcpStates};
 
 use super::{
-    FormerOwner, ProcessView, ResetView, Snapshot, SocketView,
+    FormerOwner, ProcessView, ResetView, Snapshot, SocketView, Workload, WorkloadOptions,
     orphans::{self, Memory},
+    workload::Resolver,
 };
 use crate::{
     fastmap::{FastMap, FastSet},
@@ -38,6 +39,18 @@ const PARALLEL_DUMP_FROM: usize = 20_000;
 /// enough that the channel costs nothing next to the dump.
 const HANDOFF_BATCH: usize = 512;
 
+/// Which sockets a collector reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every socket in the agent's own network namespace.
+    OwnNamespace,
+    /// Every socket in every network namespace some process lives in (node mode): each
+    /// container's and pod's, found through /proc/*/ns/net at every poll.
+    AllNamespaces,
+    /// The sockets these processes hold, in whatever namespaces they live.
+    Processes(&'a [u32]),
+}
+
 pub struct Collector {
     /// One sock_diag socket per watched network namespace.
     namespaces: BTreeMap<netns::NetnsId, DiagSocketHandle>,
@@ -51,8 +64,12 @@ pub struct Collector {
     entry_failed: std::collections::BTreeSet<netns::NetnsId>,
     /// The remote port that splits the last poll's connections in halves.
     split_port: u16,
-    /// Watched processes; `None` watches every socket in the agent's own namespace.
+    /// Watched processes; `None` watches every socket in the agent's own namespace, or with
+    /// `all_namespaces` in every namespace.
     pids: Option<Vec<u32>>,
+    all_namespaces: bool,
+    /// Each owner's container and pod, cached per process.
+    workloads: Resolver,
     ports: Vec<u16>,
     fd_cache: FdCache,
     /// The watched processes' listening ports, as of the last poll.
@@ -67,10 +84,9 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// A collector of the sockets of `pids` (in whatever network namespaces they live), or,
-    /// when `None`, of every socket in the agent's own network namespace; with `ports`, only
-    /// connections with one of them at either end.
-    pub fn new(pids: Option<&[u32]>, ports: &[u16]) -> anyhow::Result<Self> {
+    /// A collector of the sockets `scope` names; with `ports`, only connections with one of
+    /// them at either end.
+    pub fn new(scope: Scope, ports: &[u16], workloads: &WorkloadOptions) -> anyhow::Result<Self> {
         let mut collector = Collector {
             namespaces: BTreeMap::new(),
             helpers: BTreeMap::new(),
@@ -79,6 +95,8 @@ impl Collector {
             helper_failed: Default::default(),
             entry_failed: Default::default(),
             pids: None,
+            all_namespaces: scope == Scope::AllNamespaces,
+            workloads: Resolver::new(workloads),
             ports: ports.to_vec(),
             fd_cache: FdCache::default(),
             listen_ports: Vec::new(),
@@ -86,13 +104,16 @@ impl Collector {
             spare: Vec::new(),
             memory: Memory::default(),
         };
-        match pids {
-            None => {
+        match scope {
+            Scope::OwnNamespace | Scope::AllNamespaces => {
                 let own = netns::own().context("cannot read /proc/self/ns/net")?;
                 collector.namespaces.insert(own, DiagSocketHandle::open()?);
                 collector.namespace_pids.insert(own, None);
+                if collector.all_namespaces {
+                    collector.discover_namespaces();
+                }
             }
-            Some(pids) => {
+            Scope::Processes(pids) => {
                 collector.pids = Some(Vec::new());
                 for &pid in pids {
                     let id = netns::of_pid(pid).with_context(|| {
@@ -146,6 +167,37 @@ impl Collector {
         self.pids = Some(pids.to_vec());
     }
 
+    /// Node mode: follows the machine's network namespaces. Opens a sock_diag socket in each new
+    /// one and closes those no process lives in any more (which lets the kernel free them). A
+    /// namespace that cannot be entered is reported once and skipped from then on.
+    fn discover_namespaces(&mut self) {
+        let found = netns::all();
+        for (&id, &door) in &found {
+            if self.entry_failed.contains(&id) {
+                continue;
+            }
+            if let Err(e) = self.enter(id, door) {
+                // A door that closed meanwhile (the process exited) is no failure: another
+                // process, or the next poll, opens it.
+                if netns::of_pid(door).is_ok_and(|now| now == id) && self.entry_failed.insert(id) {
+                    log::warn!("{e}; its connections are not watched");
+                }
+                continue;
+            }
+            // The lowest pid there now: the door for a second socket, should one be needed.
+            self.namespace_pids.insert(id, Some(door));
+        }
+        self.namespaces.retain(|id, _| found.contains_key(id));
+        self.helpers.retain(|id, _| found.contains_key(id));
+        self.namespace_pids.retain(|id, _| found.contains_key(id));
+        self.entry_failed.retain(|id| found.contains_key(id));
+    }
+
+    /// How many network namespaces are watched now.
+    pub fn namespace_count(&self) -> usize {
+        self.namespaces.len()
+    }
+
     /// The sock_diag socket of a watched network namespace, to act on sockets there.
     pub fn diag_for(&mut self, netns: netns::NetnsId) -> Option<&mut DiagSocketHandle> {
         self.namespaces.get_mut(&netns)
@@ -196,7 +248,7 @@ impl Collector {
         sockets.reserve_exact(room);
         let split = u32::from(self.split_port);
         for (&netns, handle) in &mut self.namespaces {
-            let view = |diag| SocketView { diag, netns, owner: None };
+            let view = |diag| SocketView { diag, netns, owner: None, workload: None };
             handle
                 .dump_each(&listeners, |d| sockets.push(view(d)))
                 .context("reading the TCP socket table")?;
@@ -300,6 +352,10 @@ impl Collector {
 
     pub fn collect(&mut self, probes: &mut Probes) -> anyhow::Result<Snapshot> {
         let mut phases = Phases::start();
+        if self.all_namespaces {
+            self.discover_namespaces();
+            phases.mark("namespaces");
+        }
         let mut sockets = self.dump(probes.activity_in_dump())?;
         // tcp_info's "ms since" fields are relative to the dump; take the probes' clock right after.
         let taken_ns = system::monotonic_ns();
@@ -307,7 +363,7 @@ impl Collector {
         let present: FastSet<u32> =
             sockets.iter().map(|s| s.diag.inode).filter(|&i| i != 0).collect();
         // Disjoint borrows: the scan result lives in the cache, the scope in the other fields.
-        let (ports, pids) = (&self.ports, &self.pids);
+        let (ports, pids, workloads) = (&self.ports, &self.pids, &mut self.workloads);
         let port_in_scope = |local: u16, remote: u16| {
             ports.is_empty() || ports.contains(&local) || ports.contains(&remote)
         };
@@ -315,6 +371,10 @@ impl Collector {
         phases.mark("fd scan");
         let memory = &self.memory;
         let watched = |pid: u32| pids.as_ref().is_none_or(|p| p.contains(&pid));
+        workloads.begin_poll();
+        // Each owner's workload, once per poll: sockets share their process's.
+        let mut by_pid: FastMap<u32, Arc<Workload>> = FastMap::default();
+        let unowned = workloads.unowned();
         let mut listen_ports = Vec::new();
         let mut listen_queues: FastMap<u32, u32> = FastMap::default();
         let mut former_owners: FastMap<u64, FormerOwner> = FastMap::default();
@@ -328,6 +388,21 @@ impl Collector {
             }
             socket.owner =
                 (diag.inode != 0).then(|| fds.owners.get(&diag.inode).cloned()).flatten();
+            // An orphan has no holder to place: only the node.
+            socket.workload = Some(match &socket.owner {
+                Some(owner) => match by_pid.get(&owner.pid) {
+                    Some(known) => known.clone(),
+                    None => {
+                        let workload = match fds.processes.get(&owner.pid) {
+                            Some(held) => workloads.process(owner.pid, held).0,
+                            None => unowned.clone(),
+                        };
+                        by_pid.insert(owner.pid, workload.clone());
+                        workload
+                    }
+                },
+                None => unowned.clone(),
+            });
             if orphans::is_orphan(socket) {
                 return match memory.former_owner(diag.cookie) {
                     Some(former) if watched(former.pid) => {
@@ -368,39 +443,52 @@ impl Collector {
         let processes = holders
             .into_iter()
             .filter_map(|pid| {
-                let (comm, fds_used) = fds.processes.get(&pid)?.clone();
+                let held = fds.processes.get(&pid)?;
+                let (workload, netns) = workloads.process(pid, held);
                 let fd_limit = procfs::fd_limit(pid);
                 // Near its fd limit the accept loop may spin (accept_spinning): its CPU time is
                 // worth a read of /proc/PID/stat.
-                let near_limit = fd_limit.is_some_and(|l| u64::from(fds_used) * 10 >= l * 9);
+                let near_limit = fd_limit.is_some_and(|l| u64::from(held.count) * 10 >= l * 9);
                 Some(ProcessView {
                     pid,
-                    comm,
-                    fds_used,
+                    comm: held.comm.clone(),
+                    fds_used: held.count,
                     fd_limit,
                     accept_errors: accept_errors
                         .as_ref()
                         .map(|e| e.get(&pid).copied().unwrap_or(0)),
                     listen_queue: listen_queues.get(&pid).copied().unwrap_or(0),
                     cpu_ns: if near_limit { procfs::cpu_time_ns(pid) } else { None },
+                    netns,
+                    workload: Some(workload),
                 })
             })
             .collect();
 
         let events = probes.drain_resets();
-        let by_cookie: FastMap<u64, &Owner> = if events.is_empty() {
+        let by_cookie: FastMap<u64, &SocketView> = if events.is_empty() {
             FastMap::default()
         } else {
-            sockets.iter().filter_map(|s| Some((s.cookie(), s.owner.as_ref()?))).collect()
+            sockets.iter().map(|s| (s.cookie(), s)).collect()
         };
         let resets = events
             .into_iter()
-            .map(|event| reset_view(&event, by_cookie.get(&event.cookie).copied()))
+            .map(|event| {
+                let socket = by_cookie.get(&event.cookie).copied();
+                let mut reset = reset_view(&event, socket.and_then(|s| s.owner.as_ref()));
+                (reset.netns, reset.workload) = match socket {
+                    Some(s) => (Some(s.netns), s.workload.clone()),
+                    // Gone: the namespace it was in is not known, its process's place is.
+                    None => (None, Some(workloads.process_once(reset.pid))),
+                };
+                reset
+            })
             .filter(|r| {
                 pids.as_ref().is_none_or(|p| p.contains(&r.pid))
                     && port_in_scope(r.local.port(), r.remote.port())
             })
             .collect();
+        workloads.end_poll();
         let index = self.memory.take_index();
         let mut snapshot = Snapshot::with_index(taken_ns, sockets, processes, resets, index);
         snapshot.former_owners = former_owners;
@@ -433,7 +521,7 @@ impl Collector {
         let comm_of = |pid: u32| {
             fds.processes
                 .get(&pid)
-                .map(|(comm, _)| comm.clone())
+                .map(|held| held.comm.clone())
                 .or_else(|| procfs::comm(pid).map(Arc::from))
         };
         for orphan in unnamed {
@@ -516,5 +604,7 @@ fn reset_view(event: &ResetEvent, owner: Option<&Owner>) -> ResetView {
         direction: Direction::from_raw(event.direction),
         unread: event.unread,
         unsent: event.unsent,
+        netns: None,
+        workload: None,
     }
 }

@@ -6,7 +6,10 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use observer_common::{Direction, TcpState, ThreadSyscall, ThreadTcpCall};
 use serde::Serialize;
 
-pub use self::collect::Collector;
+pub use self::{
+    collect::{Collector, Scope},
+    workload::{Placement, Workload, WorkloadOptions},
+};
 use crate::{
     fastmap::FastMap,
     kernel::{probes::Activity, procfs::Owner, sock_diag::DiagSocket},
@@ -15,6 +18,7 @@ use crate::{
 mod collect;
 mod orphans;
 pub mod targets;
+pub mod workload;
 
 #[derive(Clone, Debug)]
 pub struct SocketView {
@@ -22,6 +26,8 @@ pub struct SocketView {
     /// The network namespace the socket lives in (where it must be acted on).
     pub netns: u64,
     pub owner: Option<Owner>,
+    /// The owner's container and pod (for a socket without owner, only the node).
+    pub workload: Option<Arc<Workload>>,
 }
 
 /// A watched process as a whole (for fd exhaustion and its accept loop).
@@ -39,6 +45,8 @@ pub struct ProcessView {
     /// CPU time it has used (user and system, nanoseconds), read only while it is near its fd
     /// limit: what `accept_spinning` measures.
     pub cpu_ns: Option<u64>,
+    pub netns: Option<u64>,
+    pub workload: Option<Arc<Workload>>,
 }
 
 /// Who held a socket that no fd holds any more (an orphan, on its way out), as the agent saw
@@ -69,6 +77,9 @@ pub struct ResetView {
     pub direction: Direction,
     pub unread: u32,
     pub unsent: u32,
+    /// The socket's network namespace, when it is still in the snapshot.
+    pub netns: Option<u64>,
+    pub workload: Option<Arc<Workload>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -184,6 +195,12 @@ pub struct Identity {
     pub local: Option<SocketAddr>,
     pub remote: Option<SocketAddr>,
     pub state: Option<&'static str>,
+    /// Where it lives, each left out when not known: the network namespace (its nsfs inode),
+    /// then the container, pod and node ([`Workload`]'s fields, in that order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    #[serde(flatten)]
+    pub workload: Option<Arc<Workload>>,
 }
 
 impl Identity {
@@ -197,6 +214,8 @@ impl Identity {
             local: None,
             remote: None,
             state: None,
+            netns: None,
+            workload: None,
         }
     }
 
@@ -209,6 +228,8 @@ impl Identity {
             local: Some(socket.local()),
             remote: Some(socket.remote()),
             state: Some(socket.diag.state.name()),
+            netns: Some(socket.netns),
+            workload: socket.workload.clone(),
         }
     }
 
@@ -221,6 +242,8 @@ impl Identity {
             local: None,
             remote: None,
             state: None,
+            netns: process.netns,
+            workload: process.workload.clone(),
         }
     }
 
@@ -233,6 +256,8 @@ impl Identity {
             local: Some(reset.local),
             remote: Some(reset.remote),
             state: Some(reset.state.map_or("UNKNOWN", TcpState::name)),
+            netns: reset.netns,
+            workload: reset.workload.clone(),
         }
     }
 }
@@ -352,6 +377,7 @@ pub mod fixtures {
                 activity: None,
             },
             owner: Some(Owner { pid: 42, fd: 3 + cookie as i32, comm: "server".into() }),
+            workload: None,
         }
     }
 }

@@ -65,6 +65,15 @@ enum Cmd {
         #[arg(long)]
         duration_ms: u64,
     },
+    /// Fork N processes that each open one connection to ADDR and send one byte on it; print
+    /// `ready` with their pids once all are connected, then hold. The processes die with this
+    /// one.
+    ForkClients {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        processes: usize,
+    },
     /// Open N connections to ADDR, one every INTERVAL ms, print when each was opened (unix ms),
     /// then hold them idle.
     Stagger {
@@ -191,6 +200,7 @@ fn main() {
             ping(connect, connections, size, duration_ms)
         }
         Cmd::Churn { connect, rate, duration_ms } => churn(connect, rate, duration_ms),
+        Cmd::ForkClients { connect, processes } => fork_clients(connect, processes),
         Cmd::Stagger { connect, connections, interval_ms } => {
             let mut held = Vec::new();
             for n in 0..connections {
@@ -297,4 +307,46 @@ fn churn(connect: SocketAddr, rate: u64, duration_ms: u64) {
         "last_error": *last_error.lock().unwrap(),
         "seconds": start.elapsed().as_secs_f64(),
     }));
+}
+
+fn fork_clients(connect: SocketAddr, processes: usize) {
+    let mut ready = [0i32; 2];
+    // SAFETY: pipe(2) into a valid array.
+    assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0, "pipe");
+    let parent = std::process::id() as i32;
+    let mut pids = Vec::with_capacity(processes);
+    for n in 0..processes {
+        // SAFETY: this process has no other threads yet, so the child may run anything.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: plain syscalls in the child; it never returns from here.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if libc::getppid() != parent {
+                        libc::_exit(0);
+                    }
+                    let Ok(mut conn) = connect_from(n, connect) else { libc::_exit(1) };
+                    if conn.write_all(b"t").is_err() {
+                        libc::_exit(1);
+                    }
+                    libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                    loop {
+                        libc::pause();
+                    }
+                }
+            }
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            pid => pids.push(pid as u32),
+        }
+    }
+    let mut byte = [0u8; 1];
+    for _ in 0..processes {
+        // SAFETY: read(2) into a valid one-byte buffer.
+        let got = unsafe { libc::read(ready[0], byte.as_mut_ptr().cast(), 1) };
+        assert_eq!(got, 1, "a client process failed to connect");
+    }
+    print(json!({"event": "ready", "pids": pids}));
+    loop {
+        thread::park();
+    }
 }

@@ -154,8 +154,9 @@ pub async fn run(args: Options, logs: Logs) -> anyhow::Result<()> {
                             app.say("another connection is being ended: try again in a moment", true);
                         }
                         Command::End(pending) => {
+                            let workloads = args.watch.workloads.clone();
                             ending = Some(tokio::task::spawn_blocking(move || {
-                                let (identity, result) = manual::end(&pending.request);
+                                let (identity, result) = manual::end(&pending.request, &workloads);
                                 (pending, identity, result)
                             }));
                         }

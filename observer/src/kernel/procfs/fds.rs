@@ -12,8 +12,18 @@ pub type SocketOwners = FastMap<u32, Owner>;
 pub struct FdScan {
     /// Socket inode -> who holds it.
     pub owners: SocketOwners,
-    /// Process id -> (comm, open fds).
-    pub processes: FastMap<u32, (Arc<str>, u32)>,
+    /// Process id -> its name, start time and open fds.
+    pub processes: FastMap<u32, HeldFds>,
+}
+
+/// A process whose fd table was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldFds {
+    pub comm: Arc<str>,
+    /// Clock ticks after boot: tells the process from a later one that reused its pid.
+    pub start_time: u64,
+    /// Open fds.
+    pub count: u32,
 }
 
 /// Reads the fd tables of `pids`, or of every process when `pids` is `None`, from scratch.
@@ -40,8 +50,13 @@ const FORCED_RESCAN_EVERY: u32 = 10;
 ///
 /// A scan is skipped when every socket in the kernel's table is already known (held by a
 /// watched process, or known to be someone else's), no known socket vanished, and the fd counts
-/// are unchanged. A scan re-reads only fds that are new, not sockets (their number may have been
-/// reused by a socket) or whose socket has left the kernel's table.
+/// are unchanged. A scan lists the fds only of processes that may have changed: new ones, and
+/// those whose fd count changed; the others keep their table. Should a socket then still be
+/// unknown (a process closed an fd and opened a socket, its count unchanged), every process is
+/// listed. Listing re-reads only fds that are
+/// new, not sockets (their number may have been reused by a socket) or whose socket has left
+/// the kernel's table. With every process in scope (node mode) on a busy machine, some count
+/// changes every poll: only those processes are listed, not every fd of the machine.
 #[derive(Default)]
 pub struct FdCache {
     processes: FastMap<u32, ProcessFds>,
@@ -50,6 +65,8 @@ pub struct FdCache {
     foreign: FastSet<u32>,
     scanned_pids: Option<Vec<u32>>,
     polls_since_scan: u32,
+    /// Fd tables listed so far (to see what a scan costs).
+    listings: u64,
 }
 
 #[derive(Default)]
@@ -83,9 +100,9 @@ impl FdCache {
         }
         // Other fds opened or closed: fd_pressure needs the count.
         let mut counts_known = true;
-        for (&pid, (_, fds)) in &self.last.processes {
+        for (&pid, held) in &self.last.processes {
             match fd_count(pid) {
-                Some(n) if n != *fds => return true,
+                Some(n) if n != held.count => return true,
                 Some(_) => {}
                 None => counts_known = false,
             }
@@ -103,12 +120,28 @@ impl FdCache {
                 Err(_) => vec![],
             },
         };
+        let listed_all = self.pass(&wanted, present, false);
+        let unknown =
+            present.iter().any(|i| !self.last.owners.contains_key(i) && !self.foreign.contains(i));
+        if unknown && !listed_all {
+            self.pass(&wanted, present, true);
+        }
+        let owners = &self.last.owners;
+        self.foreign = present.iter().copied().filter(|i| !owners.contains_key(i)).collect();
+        self.scanned_pids = pids.map(<[u32]>::to_vec);
+        self.polls_since_scan = 0;
+    }
+
+    /// Reads the fd tables of `wanted` into `last`: each listed anew if `relist` or if it may
+    /// have changed. Returns whether every one was listed.
+    fn pass(&mut self, wanted: &[u32], present: &FastSet<u32>, relist: bool) -> bool {
         let still_exists = |inode: u32| present.is_empty() || present.contains(&inode);
         let mut result = FdScan::default();
         let mut seen = FastMap::default();
         seen.reserve(wanted.len());
-        for pid in wanted {
-            let Some(cached) = self.refresh(pid, &still_exists) else { continue };
+        let listings_before = self.listings;
+        for &pid in wanted {
+            let Some(cached) = self.refresh(pid, &still_exists, relist) else { continue };
             for (&fd, target) in &cached.fds {
                 if let FdTarget::Socket(inode) = *target {
                     result.owners.entry(inode).or_insert_with(|| Owner {
@@ -118,19 +151,29 @@ impl FdCache {
                     });
                 }
             }
-            result.processes.insert(pid, (cached.comm.clone(), cached.fds.len() as u32));
+            let held = HeldFds {
+                comm: cached.comm.clone(),
+                start_time: cached.start_time,
+                count: cached.fds.len() as u32,
+            };
+            result.processes.insert(pid, held);
             seen.insert(pid, cached);
         }
         // Processes gone (or out of scope) are forgotten.
+        let listed_all = self.listings - listings_before >= seen.len() as u64;
         self.processes = seen;
-        self.foreign = present.iter().copied().filter(|i| !result.owners.contains_key(i)).collect();
         self.last = result;
-        self.scanned_pids = pids.map(<[u32]>::to_vec);
-        self.polls_since_scan = 0;
+        listed_all
     }
 
-    /// The fd table of `pid`, re-reading only what may have changed.
-    fn refresh(&mut self, pid: u32, still_exists: &impl Fn(u32) -> bool) -> Option<ProcessFds> {
+    /// The fd table of `pid`, re-reading only what may have changed; listed anew unless it
+    /// cannot have changed (and `relist` is not asked for).
+    fn refresh(
+        &mut self,
+        pid: u32,
+        still_exists: &impl Fn(u32) -> bool,
+        relist: bool,
+    ) -> Option<ProcessFds> {
         let stat = ::procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
         let mut cached = self
             .processes
@@ -141,6 +184,17 @@ impl FdCache {
         if cached.comm.is_empty() || *cached.comm != *stat.comm {
             cached.comm = Arc::from(stat.comm.as_str());
         }
+        // As many fds as last time: unchanged, unless one was closed and another opened in its
+        // place. A socket opened so is unknown to the caller, who then lists every process. (A
+        // socket that left the table cannot tell: out of scope, say under --port, is alike. A
+        // socket closed here but still held elsewhere keeps this fd until the count changes;
+        // acting on a socket checks its cookie first.)
+        let unchanged =
+            !relist && !cached.fds.is_empty() && fd_count(pid) == Some(cached.fds.len() as u32);
+        if unchanged {
+            return Some(cached);
+        }
+        self.listings += 1;
         let dir = format!("/proc/{pid}/fd");
         let entries = fs::read_dir(&dir).ok()?;
         let mut fds = FastMap::default();
@@ -199,7 +253,7 @@ mod tests {
         let table: FastSet<u32> = [listener_inode].into_iter().collect();
         let first = cache.scan(Some(&[me]), &table);
         assert_eq!(first.owners[&listener_inode].fd, listener.as_raw_fd());
-        assert!(first.processes[&me].1 >= 1);
+        assert!(first.processes[&me].count >= 1);
         // Close the listener and open another socket: it may take the same fd number. Its
         // inode is new to the cache, and the old one left the table: the cache rescans.
         drop(listener);
@@ -211,5 +265,55 @@ mod tests {
         assert!(!second.owners.contains_key(&listener_inode));
         // Nothing changed: the answer stands.
         assert_eq!(cache.scan(Some(&[me]), &table).owners[&other_inode].fd, other.as_raw_fd());
+    }
+
+    #[test]
+    fn only_processes_that_may_have_changed_are_listed_again() {
+        use std::{io::Write, process::Command, time::Duration, time::Instant};
+        let started = |child: &std::process::Child, name: &str| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // Its fds are in flux until it has exec'd.
+            while super::super::comm(child.id()).as_deref() != Some(name) {
+                assert!(Instant::now() < deadline, "{name} did not start");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let idle = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut busy = Command::new("sh")
+            .args(["-c", "read x; exec 3</dev/null; read y"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        started(&idle, "sleep");
+        started(&busy, "sh");
+        let pids = [idle.id(), busy.id()];
+        let mut cache = FdCache::default();
+        let none = FastSet::default();
+        cache.scan(Some(&pids), &none);
+        assert_eq!(cache.listings, 2);
+        // The busy one opens a file: it is listed again, the idle one is not.
+        let before = fd_count(busy.id());
+        let mut stdin = busy.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fd_count(busy.id()) == before {
+            assert!(Instant::now() < deadline, "sh did not open its file");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cache.scan(Some(&pids), &none);
+        assert_eq!(cache.listings, 3);
+        // A socket no count change explains: every process is listed, then it is known to be
+        // nobody's.
+        let stray: FastSet<u32> = [u32::MAX].into_iter().collect();
+        cache.scan(Some(&pids), &stray);
+        assert_eq!(cache.listings, 5);
+        assert!(cache.foreign.contains(&u32::MAX));
+        cache.scan(Some(&pids), &stray);
+        assert_eq!(cache.listings, 5, "nothing changed");
+        drop(stdin);
+        for mut child in [idle, busy] {
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
     }
 }

@@ -11,11 +11,12 @@ pub use self::threads::BlockedCall;
 #[cfg(fuzzing)]
 pub use self::threads::parse_syscall_line;
 pub use self::{
-    fds::{FdCache, scan_fds},
+    fds::{FdCache, HeldFds, scan_fds},
     processes::{ProcessEntry, ProcessTable, cpu_time_ns},
     threads::{ThreadState, thread_states},
 };
 
+pub mod cgroup;
 mod fds;
 mod processes;
 mod threads;

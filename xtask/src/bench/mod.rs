@@ -15,6 +15,7 @@ use crate::workspace_root;
 
 mod detection;
 mod hot_path;
+mod identity;
 mod scale;
 mod top;
 
@@ -25,7 +26,7 @@ pub struct Options {
     pub only: Option<&'static str>,
 }
 
-const PARTS: [&str; 6] = ["hot-path", "per-event", "latency", "scale", "top", "churn"];
+const PARTS: [&str; 7] = ["hot-path", "per-event", "latency", "scale", "top", "identity", "churn"];
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options> {
@@ -221,7 +222,7 @@ pub fn run(opts: Options) -> Result<()> {
     let started = Instant::now();
     let mut figures = Vec::new();
     type Part = fn(&mut Vec<Figure>, Options) -> Result<()>;
-    let parts: [(&str, Part); 6] = [
+    let parts: [(&str, Part); 7] = [
         ("hot-path", hot_path::hot_path),
         ("per-event", hot_path::per_event),
         ("latency", detection::latency),
@@ -229,6 +230,7 @@ pub fn run(opts: Options) -> Result<()> {
         // lengthen every walk of the socket table.
         ("scale", scale::scale),
         ("top", top::top),
+        ("identity", identity::identity),
         ("churn", detection::churn),
     ];
     for (name, part) in parts {
