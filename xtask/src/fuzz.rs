@@ -14,6 +14,7 @@ const CARGO_FUZZ: &str = "0.13.2";
 /// corpus is only read: a run never rewrites tracked files); a crash fails the run, with the
 /// input saved under fuzz/artifacts.
 pub fn run(each: Duration) -> Result<()> {
+    check_lock()?;
     ensure_cargo_fuzz()?;
     let fuzz = workspace_root().join("fuzz");
     for target in TARGETS {
@@ -35,6 +36,27 @@ pub fn run(each: Duration) -> Result<()> {
         .with_context(|| {
             format!("fuzzing {target} found a failure (see fuzz/artifacts/{target})")
         })?;
+    }
+    Ok(())
+}
+
+/// The fuzz crate is a workspace of its own, whose lock file cargo would quietly rewrite when the
+/// agent's dependencies move on: checked first, so that a test run fails naming the fix instead
+/// of changing a tracked file.
+pub fn check_lock() -> Result<()> {
+    let fresh = Command::new("cargo")
+        .args(["metadata", "--locked", "--format-version", "1", "--manifest-path"])
+        .arg(workspace_root().join("fuzz/Cargo.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running cargo metadata")?
+        .success();
+    if !fresh {
+        anyhow::bail!(
+            "fuzz/Cargo.lock no longer matches the agent's dependencies: run `cargo update \
+             --manifest-path fuzz/Cargo.toml --workspace` and commit it"
+        );
     }
     Ok(())
 }

@@ -118,6 +118,7 @@ fn test() -> Result<()> {
     status(&mut cargo(&["fmt", "--all", "--check"]))
         .context("code is not rustfmt-formatted: run `cargo fmt --all`")?;
     status(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    fuzz::check_lock()?;
     // Unit tests of the pure parts: no root needed.
     status(&mut cargo(&["test", "--workspace", "--exclude", "observer-tests"]))?;
     if !nix_is_root() {
