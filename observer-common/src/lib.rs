@@ -130,8 +130,8 @@ pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 262_144;
 
 /// What the probes know about one TCP socket, kept in the socket's own storage (fentry and
 /// tracepoint backends) or by its socket cookie (kprobe backend). Times are
-/// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) nanoseconds; 0 means "not seen since the
-/// agent started". Kept small: the agent holds one per watched socket.
+/// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) nanoseconds; 0 means "not seen since the agent
+/// started". Kept small: the agent holds one per watched socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockActivity {
@@ -328,12 +328,28 @@ impl Counter {
     }
 }
 
+/// Slots of the table of when watched threads last went to sleep: a thread's slot is its id
+/// modulo this. A slot is an array element the verifier turns into an address (no hashing on
+/// the scheduler's path); two watched threads sharing a slot overwrite each other, and the
+/// stored id tells the agent whose time it is.
+pub const THREAD_SLEEP_SLOTS: u32 = 65_536;
+
+/// When thread `tid` last went to sleep (CLOCK_MONOTONIC ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadSleep {
+    pub tid: u32,
+    pub _pad: u32,
+    pub since_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C), only integer fields, no implicit padding (checked by the tests below).
     unsafe impl aya::Pod for super::SockActivity {}
     unsafe impl aya::Pod for super::ThreadSyscall {}
     unsafe impl aya::Pod for super::ThreadTcpCall {}
+    unsafe impl aya::Pod for super::ThreadSleep {}
     unsafe impl aya::Pod for super::ResetEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }

@@ -2,14 +2,16 @@
 //! tracepoint backend tells how long a thread has been blocked without hooking any syscall.
 //! For a thread blocked in a call now, the time since it last went to sleep is the whole wait
 //! when the call blocked once, and a lower bound when something woke it within the call.
-use aya_ebpf::{macros::map, maps::HashMap};
-use observer_common::BPF_F_NO_PREALLOC;
+use aya_ebpf::{macros::map, maps::Array};
+use observer_common::{THREAD_SLEEP_SLOTS, ThreadSleep};
 
 use crate::{activity, filter};
 
-/// Thread id -> when it last switched out of the CPU voluntarily (to wait for something).
+/// When each watched thread last switched out of the CPU voluntarily (to wait for something),
+/// in the slot of its id modulo the table's size. An array, not a hash map: this runs on every
+/// context switch of a watched thread, and a hash lookup was most of its cost.
 #[map]
-static THREAD_SLEEPS: HashMap<u32, u64> = HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+static THREAD_SLEEPS: Array<ThreadSleep> = Array::with_max_entries(THREAD_SLEEP_SLOTS, 0);
 
 /// The current thread leaves the CPU; `preempt` when it was made to (it stays runnable).
 #[inline(always)]
@@ -21,11 +23,21 @@ pub fn switched_out(preempt: bool) {
     let Some(ids) = filter::watched_current() else {
         return;
     };
-    activity::record_for_thread(&THREAD_SLEEPS, ids.tid, activity::now_ns());
+    if let Some(slot) = THREAD_SLEEPS.get_ptr_mut(ids.tid % THREAD_SLEEP_SLOTS) {
+        // SAFETY: an element of a preallocated array.
+        unsafe { *slot = ThreadSleep { tid: ids.tid, _pad: 0, since_ns: activity::now_ns() } };
+    }
 }
 
-/// The current thread is exiting: forget it.
+/// The current thread is exiting: its slot no longer speaks for it.
 #[inline(always)]
 pub fn thread_exit(tid: u32) {
-    let _ = THREAD_SLEEPS.remove(tid);
+    if let Some(slot) = THREAD_SLEEPS.get_ptr_mut(tid % THREAD_SLEEP_SLOTS) {
+        // SAFETY: as above.
+        unsafe {
+            if (*slot).tid == tid {
+                (*slot).since_ns = 0;
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use crate::{
         procfs::{self, Owner, ThreadState},
         syscalls,
     },
-    snapshot::{Snapshot, SocketView},
+    snapshot::{SleepTimes, Snapshot, SocketView},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -42,7 +42,7 @@ pub struct Probed<'a> {
     /// Per-thread TCP sends and receives in progress (fentry/kprobe backends): which socket.
     pub tcp_calls: &'a HashMap<u32, ThreadTcpCall>,
     /// When each thread last went to sleep (tracepoint backend, named processes).
-    pub sleeps: &'a HashMap<u32, u64>,
+    pub sleeps: &'a SleepTimes,
     /// The socket's own record: who last moved data on it.
     pub activity: Option<&'a Activity>,
 }
@@ -83,7 +83,7 @@ pub fn attribute(
             let timed = syscall.map(|c| c.enter_ns).or(kernel.map(|c| c.enter_ns)).or(connecting);
             // Only for a thread /proc shows waiting on this very fd: then its last sleep is
             // this wait (or, if it was woken meanwhile, the latest part of it).
-            let slept = seen.and(probed.sleeps.get(&t.tid).copied()).filter(|&at| at != 0);
+            let slept = seen.and_then(|_| probed.sleeps.since(t.tid)).filter(|&at| at != 0);
             let (blocked_ms, blocked_ms_from) = match (timed, slept) {
                 (Some(entered), _) => (Some(since(entered)), Some("call")),
                 (None, Some(slept)) => (Some(since(slept)), Some("sleep")),
@@ -255,9 +255,7 @@ mod tests {
         tcp_calls: &'a HashMap<u32, ThreadTcpCall>,
         activity: Option<&'a Activity>,
     ) -> Probed<'a> {
-        static NO_SLEEPS: std::sync::LazyLock<HashMap<u32, u64>> =
-            std::sync::LazyLock::new(HashMap::new);
-        Probed { syscalls, tcp_calls, sleeps: &NO_SLEEPS, activity }
+        Probed { syscalls, tcp_calls, sleeps: &SleepTimes::Unknown, activity }
     }
 
     fn owner() -> Owner {
@@ -311,6 +309,34 @@ mod tests {
         );
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].blocked_in, got[0].blocked_ms), (Some("recvfrom"), Some(42_000)));
+    }
+
+    #[test]
+    fn a_blocked_thread_is_timed_from_its_last_sleep_and_a_call_time_wins() {
+        let threads = [
+            thread(101, "worker-1", Some(("read", 7))),
+            // Asleep too, but not on this socket's fd: its sleep says nothing about it.
+            thread(102, "worker-2", Some(("read", 9))),
+        ];
+        let sleeps = SleepTimes::Known(HashMap::from([(101, 3_000_000_000), (102, 1)]));
+        let (no_calls, no_tcp) = (HashMap::new(), HashMap::new());
+        let probed =
+            Probed { syscalls: &no_calls, tcp_calls: &no_tcp, sleeps: &sleeps, activity: None };
+        let got = attribute(&owner(), 1, &threads, &probed, 10_000_000_000);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].tid, got[0].blocked_ms, got[0].blocked_ms_from),
+            (101, Some(7_000), Some("sleep"))
+        );
+        // The call's own entry time, where a probe took it, is exact and preferred.
+        let calls = HashMap::from([(
+            101,
+            ThreadSyscall { enter_ns: 2_000_000_000, nr: libc::SYS_read as u32, fd: 7 },
+        )]);
+        let probed =
+            Probed { syscalls: &calls, tcp_calls: &no_tcp, sleeps: &sleeps, activity: None };
+        let got = attribute(&owner(), 1, &threads, &probed, 10_000_000_000);
+        assert_eq!((got[0].blocked_ms, got[0].blocked_ms_from), (Some(8_000), Some("call")));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use anyhow::Context;
 use observer_common::{Direction, ResetEvent, TcpState, TcpStates};
 
 use super::{
-    FormerOwner, ProcessView, ResetView, Snapshot, SocketView, Workload, WorkloadOptions,
+    FormerOwner, ProcessView, ResetView, SleepTimes, Snapshot, SocketView, Workload,
+    WorkloadOptions,
     orphans::{self, Memory},
     workload::Resolver,
 };
@@ -497,7 +498,7 @@ impl Collector {
         }
         snapshot.thread_tcp_calls = probes.thread_tcp_calls();
         if probes.times_sleeps() {
-            snapshot.thread_sleeps = probes.thread_sleeps();
+            snapshot.thread_sleeps = SleepTimes::Table(probes.sleep_table());
         }
         phases.mark("join");
         snapshot.map_entries = if probes.activity_in_dump().is_some() {

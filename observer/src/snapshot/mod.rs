@@ -12,7 +12,11 @@ pub use self::{
 };
 use crate::{
     fastmap::FastMap,
-    kernel::{probes::Activity, procfs::Owner, sock_diag::DiagSocket},
+    kernel::{
+        probes::{Activity, SleepTable},
+        procfs::Owner,
+        sock_diag::DiagSocket,
+    },
 };
 
 mod collect;
@@ -82,6 +86,28 @@ pub struct ResetView {
     pub workload: Option<Arc<Workload>>,
 }
 
+/// When threads last went to sleep: the probes' table, asked one thread at a time, or (in unit
+/// tests) a fixed set.
+#[derive(Clone, Debug, Default)]
+pub enum SleepTimes {
+    #[default]
+    Unknown,
+    Table(Arc<SleepTable>),
+    #[cfg(test)]
+    Known(HashMap<u32, u64>),
+}
+
+impl SleepTimes {
+    pub fn since(&self, tid: u32) -> Option<u64> {
+        match self {
+            SleepTimes::Unknown => None,
+            SleepTimes::Table(table) => table.since(tid),
+            #[cfg(test)]
+            SleepTimes::Known(known) => known.get(&tid).copied(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// CLOCK_MONOTONIC nanoseconds when the snapshot was taken (the probes' clock).
@@ -93,8 +119,8 @@ pub struct Snapshot {
     pub thread_syscalls: HashMap<u32, ThreadSyscall>,
     /// Threads inside a TCP send or receive now (fentry and kprobe backends).
     pub thread_tcp_calls: HashMap<u32, ThreadTcpCall>,
-    /// When each watched thread last went to sleep (tracepoint backend, named processes).
-    pub thread_sleeps: HashMap<u32, u64>,
+    /// When watched threads last went to sleep (tracepoint backend, named processes).
+    pub thread_sleeps: SleepTimes,
     /// Entries in the probes' socket map (for the agent's own health report).
     pub map_entries: usize,
     /// Orphaned sockets in this snapshot, by cookie: who held them before they were closed.
@@ -131,7 +157,7 @@ impl Snapshot {
             resets,
             thread_syscalls: HashMap::new(),
             thread_tcp_calls: HashMap::new(),
-            thread_sleeps: HashMap::new(),
+            thread_sleeps: SleepTimes::default(),
             map_entries: 0,
             former_owners: FastMap::default(),
             by_cookie: index,

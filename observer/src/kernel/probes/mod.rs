@@ -7,6 +7,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     os::fd::{AsFd, BorrowedFd},
+    sync::Arc,
 };
 
 use aya::{
@@ -15,7 +16,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
 };
 use observer_common::{
-    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, ThreadSyscall, ThreadTcpCall, syscall_kind,
+    Counter, KernelOffsets, MAX_SYSCALL_NR, ResetEvent, THREAD_SLEEP_SLOTS, ThreadSleep,
+    ThreadSyscall, ThreadTcpCall, syscall_kind,
 };
 use thiserror::Error;
 
@@ -108,6 +110,24 @@ fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
+/// The probes' table of when each watched thread last went to sleep: a slot per thread id
+/// modulo its size, holding the id it speaks for.
+pub struct SleepTable(aya::maps::Array<MapData, ThreadSleep>);
+
+impl SleepTable {
+    /// When thread `tid` last went to sleep, if the table holds that for it.
+    pub fn since(&self, tid: u32) -> Option<u64> {
+        let slot = self.0.get(&(tid % THREAD_SLEEP_SLOTS), 0).ok()?;
+        (slot.tid == tid && slot.since_ns != 0).then_some(slot.since_ns)
+    }
+}
+
+impl std::fmt::Debug for SleepTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SleepTable")
+    }
+}
+
 pub struct LoadOptions {
     /// Record calls only for these processes (ids in the agent's pid namespace; the set can
     /// change later with [`Probes::watch`]), or, when `None`, for every process.
@@ -139,7 +159,7 @@ pub struct Probes {
     thread_syscalls: HashMap<MapData, u32, ThreadSyscall>,
     thread_tcp_calls: HashMap<MapData, u32, ThreadTcpCall>,
     /// Thread id -> when it last went to sleep (tracepoint backend, named processes).
-    thread_sleeps: HashMap<MapData, u32, u64>,
+    thread_sleeps: Arc<SleepTable>,
     accept_errors: HashMap<MapData, u32, u64>,
     resets: RingBuf<MapData>,
     /// The watched-process bitmap (see `WATCHED` in the probes).
@@ -294,7 +314,7 @@ impl Probes {
             counters: take_map(&mut ebpf, "COUNTERS")?,
             thread_syscalls: take_map(&mut ebpf, "THREAD_SYSCALLS")?,
             thread_tcp_calls: take_map(&mut ebpf, "THREAD_TCP_CALLS")?,
-            thread_sleeps: take_map(&mut ebpf, "THREAD_SLEEPS")?,
+            thread_sleeps: Arc::new(SleepTable(take_map(&mut ebpf, "THREAD_SLEEPS")?)),
             accept_errors: take_map(&mut ebpf, "ACCEPT_ERRORS")?,
             resets: take_map(&mut ebpf, "RESETS")?,
             watched,
@@ -393,9 +413,10 @@ impl Probes {
         self.thread_syscalls.iter().filter_map(Result::ok).collect()
     }
 
-    /// When each watched thread last went to sleep, by thread id (tracepoint backend).
-    pub fn thread_sleeps(&self) -> StdHashMap<u32, u64> {
-        self.thread_sleeps.iter().filter_map(Result::ok).collect()
+    /// When watched threads last went to sleep (tracepoint backend), looked up one thread at a
+    /// time: only the few threads found blocked on a watched socket are ever asked about.
+    pub fn sleep_table(&self) -> Arc<SleepTable> {
+        self.thread_sleeps.clone()
     }
 
     /// Threads inside a TCP send or receive (fentry and kprobe backends), by thread id.
