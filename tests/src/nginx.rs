@@ -60,13 +60,17 @@ impl Nginx {
 
     /// The worker processes the master forked.
     pub fn workers(&self) -> Vec<u32> {
-        let pid = self.pid();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+        children(self.pid())
     }
+}
+
+/// The processes `pid` forked that still run.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 impl Drop for Nginx {

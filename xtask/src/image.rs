@@ -104,9 +104,8 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output().context("running ldd")?;
     if !out.status.success() {
         // A static binary needs nothing; anything else ldd refuses is an error.
-        if String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable")
-            || String::from_utf8_lossy(&out.stdout).contains("not a dynamic executable")
-        {
+        let said = [&out.stdout, &out.stderr].map(|o| String::from_utf8_lossy(o).into_owned());
+        if said.iter().any(|s| s.contains("not a dynamic executable")) {
             return Ok(Vec::new());
         }
         bail!("ldd {} failed", binary.display());

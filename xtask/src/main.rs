@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Some("vm-test") => {
             vm::parse_args(&args[1..]).and_then(|k| vm_test(false, &k, SupportTable::Readme))
         }
-        Some("fuzz") => fuzz_seconds(&args[1..]).and_then(fuzz::run),
+        Some("fuzz") => fuzz::check_lock().and(fuzz_seconds(&args[1..])).and_then(fuzz::run),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(bench),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

@@ -3,7 +3,7 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
-use observer_tests::nginx::Nginx;
+use observer_tests::nginx::{self, Nginx};
 
 use super::{Throughput, Workload};
 use crate::workspace_root;
@@ -25,12 +25,7 @@ pub fn workload() -> Result<(Nginx, Workload)> {
         load: Box::new(move |seconds| wrk(&url, seconds)),
         processes: Box::new(move || {
             let mut pids = vec![pid];
-            pids.extend(
-                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
+            pids.extend(nginx::children(pid));
             pids
         }),
     };
