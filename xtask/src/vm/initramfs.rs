@@ -14,8 +14,43 @@ use crate::cpio::Cpio;
 /// sock_diag for TCP is modular in Debian's kernels, and nothing in the guest runs modprobe.
 const MODULES: [&str; 2] = ["net/ipv4/inet_diag", "net/ipv4/tcp_diag"];
 
-/// The guest's /init. Every line the tests print goes to the console as
-/// `VMTEST-OUT <backend> <suite>: <line>` so the host can attribute libtest's per-test lines.
+/// A suite that runs longer than this is hung (the longest takes about a minute under
+/// emulation): the guest dumps its blocked tasks, kills it and goes on with the next one.
+pub const SUITE_LIMIT_SECS: u32 = 300;
+
+/// Runs one suite under the watchdog: `run_suite BACKEND SUITE TEST...`. Every line it prints
+/// goes to the console as `VMTEST-OUT <backend> <suite>: <line>` so the host can attribute
+/// libtest's per-test lines; a hang prints `VMTEST-HUNG`, the processes and the kernel's blocked
+/// tasks (sysrq w) between it and the suite's `VMTEST-RESULT`, then kills every process but
+/// this one so the next suite starts clean.
+const RUN_SUITE: &str = r#"run_suite() {
+  backend=$1; suite=$2; shift 2
+  rm -f /tmp/rc
+  ( OBSERVER_PROBES=$backend /observer/deps/$suite --exact "$@" --test-threads=1 2>/tmp/stderr \
+      | sed "s/^/VMTEST-OUT $backend $suite: /"; echo $? >/tmp/rc ) &
+  waited=0
+  # The runner writes /tmp/rc as its last act (a finished child can linger as a zombie).
+  while [ ! -s /tmp/rc ] && [ $waited -lt $SUITE_LIMIT ]; do
+    sleep 1; waited=$((waited + 1))
+  done
+  if [ ! -s /tmp/rc ]; then
+    echo "VMTEST-HUNG $backend $suite after ${waited}s"
+    ps -o pid,ppid,stat,args | grep -v ' \[.*\]$'
+    echo 7 >/proc/sys/kernel/printk
+    echo w >/proc/sysrq-trigger
+    sleep 1
+    echo 4 >/proc/sys/kernel/printk
+    kill -9 -1
+    wait
+    echo 124 >/tmp/rc
+  fi
+  wait
+  echo "VMTEST-RESULT $backend $suite $(cat /tmp/rc)"
+  sed "s/^/[$backend $suite stderr] /" /tmp/stderr
+}
+"#;
+
+/// The guest's /init: runs every suite under every backend `observer check` loads.
 pub fn init_script(kernel: &Kernel) -> String {
     let mut script = String::from(
         r#"#!/bin/sh
@@ -42,6 +77,7 @@ export OBSERVER_BIN=/observer/observer
 ONCE_DONE=
 "#,
     );
+    script.push_str(&format!("SUITE_LIMIT={SUITE_LIMIT_SECS}\n{RUN_SUITE}"));
     for backend in BACKENDS {
         // Only what `observer check` loaded is tested; the host checks that against the report.
         script.push_str(&format!(
@@ -49,10 +85,7 @@ ONCE_DONE=
         ));
         for suite in kernel.suites {
             let run = format!(
-                "OBSERVER_PROBES={backend} /observer/deps/{suite} --exact {tests} --test-threads=1 \
-                 2>/tmp/stderr | sed 's/^/VMTEST-OUT {backend} {suite}: /'\n\
-                 echo \"VMTEST-RESULT {backend} {suite} $?\"\n\
-                 sed 's/^/[{backend} {suite} stderr] /' /tmp/stderr\n",
+                "run_suite {backend} {suite} {tests}\n",
                 suite = suite.name,
                 tests = suite.tests.join(" "),
             );
@@ -86,7 +119,7 @@ pub fn build(
     archive.file("/bin/busybox", &fs::read("/bin/busybox")?)?;
     for applet in [
         "sh", "mount", "ip", "echo", "sed", "grep", "uname", "poweroff", "cat", "ls", "sleep",
-        "insmod",
+        "insmod", "ps",
     ] {
         archive.symlink(&format!("/bin/{applet}"), "busybox")?;
     }
@@ -146,7 +179,9 @@ mod tests {
             assert!(script.contains(&format!("grep -q '\"{backend}\":{{\"ok\":true}}'")));
             assert!(script.contains(&format!("VMTEST-SKIP {backend}")));
         }
-        assert!(script.contains("2>/tmp/stderr | sed 's/^/VMTEST-OUT fentry watch: /'"));
+        assert!(script.contains("run_suite fentry watch idle_client_is_alerted"));
+        assert!(script.contains("VMTEST-OUT $backend $suite: "));
+        assert!(script.contains(&format!("SUITE_LIMIT={SUITE_LIMIT_SECS}")));
         assert!(script.trim_end().ends_with("poweroff -f"));
     }
 }

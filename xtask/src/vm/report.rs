@@ -25,6 +25,8 @@ pub struct SuiteRun {
     /// The binary's exit code (`VMTEST-RESULT`); `None` if the guest never got that far.
     pub exit: Option<i32>,
     pub tests: BTreeMap<String, Outcome>,
+    /// The guest's watchdog killed it (`VMTEST-HUNG`): how long it had run.
+    pub hung: Option<String>,
 }
 
 /// What one VM run printed.
@@ -69,6 +71,12 @@ pub fn parse(console: &str) -> VmResults {
         } else if let Some(rest) = line.strip_prefix("VMTEST-RESULT ") {
             if let [backend, suite, code] = rest.split_whitespace().collect::<Vec<_>>()[..] {
                 suite_run(&mut results, backend, suite).exit = code.parse().ok();
+            }
+        } else if let Some(rest) = line.strip_prefix("VMTEST-HUNG ") {
+            if let [backend, suite, ref after @ ..] =
+                rest.split_whitespace().collect::<Vec<_>>()[..]
+            {
+                suite_run(&mut results, backend, suite).hung = Some(after.join(" "));
             }
         } else if let Some(backend) = line.strip_prefix("VMTEST-SKIP ") {
             results.skipped.insert(backend.trim().to_owned());
@@ -152,6 +160,19 @@ pub fn problems(kernel: &Kernel, results: &VmResults) -> Vec<String> {
                 problems.push(format!("{} under {backend} did not run", suite.name));
                 continue;
             };
+            if let Some(after) = &run.hung {
+                // libtest runs one test at a time in name order: the first without a result hung.
+                let mut names: Vec<&str> = suite.tests.to_vec();
+                names.sort_unstable();
+                let stuck = names.into_iter().find(|t| !run.tests.contains_key(*t));
+                problems.push(format!(
+                    "{} under {backend} hung{} and was killed {after} (the console lists its \
+                     processes and blocked tasks)",
+                    suite.name,
+                    stuck.map(|t| format!(" in {t}")).unwrap_or_default()
+                ));
+                continue;
+            }
             for test in suite.tests {
                 match run.tests.get(*test) {
                     Some(Outcome::Ok) => {}
@@ -406,6 +427,20 @@ mod tests {
                 "the VM stopped before finishing its tests (no VMTEST-END)",
                 "watch under tracepoint did not run"
             ]
+        );
+    }
+
+    #[test]
+    fn a_hung_suite_is_named_once_with_how_long_it_ran() {
+        let ok = ["test alpha ... ok", "test beta ... ok"];
+        let hung = "VMTEST-OUT tracepoint watch: test alpha ... ok\n\
+                    VMTEST-HUNG tracepoint watch after 300s\n\
+                    VMTEST-RESULT tracepoint watch 124\n";
+        let text = console(&watch_run("fentry", &ok, 0), hung);
+        assert_eq!(
+            problems(&KERNEL, &parse(&text)),
+            ["watch under tracepoint hung in beta and was killed after 300s (the console lists \
+              its processes and blocked tasks)"]
         );
     }
 
