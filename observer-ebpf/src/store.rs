@@ -170,6 +170,15 @@ pub fn record_data(entry: *mut SockActivity, direction: Direction, by: Ids) {
             Direction::Send => (*entry).last_send_ns = now,
             Direction::Recv => (*entry).last_recv_ns = now,
         }
+    }
+    record_user(entry, by);
+}
+
+/// The thread `by` used the socket (moved data, connected, closed): the one to name for it.
+#[inline(always)]
+pub fn record_user(entry: *mut SockActivity, by: Ids) {
+    // SAFETY: a valid record pointer from the store.
+    unsafe {
         (*entry).last_tgid = by.tgid;
         (*entry).last_tid = by.tid;
     }

@@ -12,7 +12,7 @@ use observer_common::{Counter, Direction, MSG_PEEK, TcpState};
 
 use crate::{
     activity, filter, resets, sleeps,
-    store::{ByCookie, InSocket, Known, Store, record_data, record_state},
+    store::{ByCookie, InSocket, Known, Store, record_data, record_state, record_user},
     syscall_timing, tcp_calls,
 };
 
@@ -65,25 +65,32 @@ fn try_state<S: Store>(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let new_state: i32 = ctx.arg(2);
     let new_state = new_state as u32;
     let cookie = || activity::cookie_of(sk);
+    // connect(), close() and shutdown() change the state in the thread that called them, so
+    // SYN_SENT, FIN_WAIT1 and LAST_ACK name the socket's user: even a connection closed before
+    // any poll saw its fd (an orphan) is known to be the watched process's, on kernels without
+    // the send/receive tracepoints too.
+    let by_caller = [TcpState::SynSent, TcpState::FinWait1, TcpState::LastAck]
+        .iter()
+        .any(|&s| new_state == s as u32);
+    let caller =
+        if by_caller { filter::watched_current().filter(|ids| ids.tgid != 0) } else { None };
     // A socket going to CLOSE is about to be destroyed (or already reset): update it, but do not
-    // start tracking it now. When specific processes are watched, state changes (often in
+    // start tracking it now. When specific processes are watched, other state changes (often in
     // softirq, with no owner in sight) only update sockets those processes already used, so the
-    // records are their sockets'; but connect() runs in the calling thread, so a watched
-    // process's connection attempt is tracked from its SYN (an exact connect time). Otherwise
-    // every transition is tracked, so CLOSE_WAIT and the like have an exact entry time. SCTP
-    // and MPTCP use this tracepoint too: TCP is checked.
+    // records are their sockets'. Otherwise every transition is tracked, so CLOSE_WAIT and the
+    // like have an exact entry time. SCTP and MPTCP use this tracepoint too: TCP is checked.
     let entry = if new_state == TcpState::Close as u32 {
         S::existing(sk, cookie)
-    } else if filter::filtering_pids() {
-        if new_state == TcpState::SynSent as u32 && filter::watched_current().is_some() {
-            S::entry(sk, cookie, Known::Unchecked)
-        } else {
-            S::existing(sk, cookie)
-        }
-    } else {
+    } else if caller.is_some() || !filter::filtering_pids() {
         S::entry(sk, cookie, Known::Unchecked)
+    } else {
+        S::existing(sk, cookie)
     };
-    record_state(entry.ok_or(())?, new_state);
+    let entry = entry.ok_or(())?;
+    record_state(entry, new_state);
+    if let Some(ids) = caller {
+        record_user(entry, ids);
+    }
     Ok(())
 }
 
