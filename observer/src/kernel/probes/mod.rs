@@ -22,7 +22,7 @@ use observer_common::{
 use thiserror::Error;
 
 pub use self::plan::{Backend, ProbeChoice, Store};
-use self::plan::{Extras, Hook, plan};
+use self::plan::{Extras, Hook, plan, times_sleeps, times_syscalls};
 use super::btf::{Btf, BtfError};
 
 mod batch;
@@ -234,7 +234,6 @@ impl Probes {
             sleep_timing: options.sleep_timing,
             floor: options.floor,
         };
-        let tracks_threads = extras.filtering && extras.syscall_timing;
         let (programs, notes) = plan(backend, btf, extras);
         for (_, hook) in &programs {
             if let Hook::Tracepoint(name) = hook
@@ -301,12 +300,10 @@ impl Probes {
                     ));
                 }
             };
-        let times_sleeps =
-            programs.iter().any(|(_, hook)| *hook == Hook::Tracepoint("sched_switch"));
         let mut probes = Probes {
             backend,
-            tracks_threads,
-            times_sleeps,
+            tracks_threads: times_syscalls(&programs),
+            times_sleeps: times_sleeps(&programs),
             notes,
             records,
             socket_capacity: options.max_sockets,

@@ -142,6 +142,16 @@ const THREAD_PROGRAMS: &[(&str, Hook)] = &[
     ("observer_tp_sys_exit", Hook::Tracepoint("sys_exit")),
 ];
 
+/// Whether a plan's `programs` time the watched threads' syscalls.
+pub fn times_syscalls(programs: &[(&'static str, Hook)]) -> bool {
+    programs.contains(&THREAD_PROGRAMS[0])
+}
+
+/// Whether a plan's `programs` time the watched threads' sleeps.
+pub fn times_sleeps(programs: &[(&'static str, Hook)]) -> bool {
+    programs.contains(&SLEEP_TIMING)
+}
+
 /// What the agent asks of the probes beyond the backend's basics.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Extras {
