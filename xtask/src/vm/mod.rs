@@ -27,7 +27,7 @@ use crate::workspace_root;
 pub const BACKENDS: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
 /// A kernel's run takes about 4½ minutes and the guest ends a hung suite itself
 /// (`initramfs::SUITE_LIMIT_SECS`); this only bounds a guest that stops altogether.
-const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// One integration-test binary and the tests of it the guest runs.
 pub struct Suite {
