@@ -54,6 +54,8 @@ Examples:
   observer kill --pid 4242 --cookie 8817                      # destroy, as `ss -K` does
   observer kill --pid 4242 --cookie 8817 --mode shutdown      # FIN; blocked threads see EOF
   observer kill --pid 4242 --local 10.0.0.5:8080 --remote 10.0.0.9:51234 --dry-run
+  observer kill --pid 4242 --cookie 9120 --local 10.0.0.5:8080 --remote 10.0.0.9:51240
+                                       # an orphan (its alert has no fd): all three keys
 
 Prints one `action` line: result ok, already_gone, not_permitted, unsupported or failed.
 Exits 0 only when the result is ok.";
@@ -93,7 +95,9 @@ pub enum Command {
     ///
     /// The socket must be held by --pid and match the cookie and/or both addresses given; a
     /// socket that no longer matches is reported as already_gone and never touched. Listening
-    /// sockets are refused.
+    /// sockets are refused. An orphan (a connection its application closed that still waits
+    /// for its peer, alerted with "fd": null) is held by no process: it is ended (destroy only)
+    /// when --cookie, --local and --remote all match it, in --pid's network namespace.
     #[command(after_help = KILL_EXAMPLES)]
     Kill(KillArgs),
     /// A live full-screen view of the watched connections: state, idle time, traffic, the
@@ -108,7 +112,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["cookie", "local"])))]
 pub struct KillArgs {
-    /// The process holding the socket.
+    /// The process holding the socket (for an orphan, the one that held it, as its alert says).
     #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..=MAX_PID))]
     pub pid: u32,
 

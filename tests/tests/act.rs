@@ -380,3 +380,53 @@ fn an_orphan_that_cannot_close_is_destroyed_and_shutdown_says_it_has_no_fd() {
         assert_eq!(clear["why"], "socket_closed", "{clear}");
     }
 }
+
+#[test]
+fn kill_ends_an_orphan_only_when_named_by_cookie_and_both_addresses() {
+    let mut server = Server::start(&["--mode", "large-response"]);
+    let mut agent =
+        start_agent(&[server.pid], &["--closing-timeout", "1s", "--stats-interval", "200ms"]);
+    let stuck = stalls::non_reader(server.addr);
+    let accepted = server.accepted(&stuck);
+    server.scenario.wait_for("closed", |v| v["event"] == "closed" && v["fd"] == accepted["fd"]);
+    let remote = remote_of(&stuck);
+    let alert = agent.wait_for("closing_stalled alert", DEADLINE, |v| {
+        is_event_for(v, "alert", "closing_stalled", &remote)
+    });
+    assert!(alert["fd"].is_null(), "an orphan: {alert}");
+    // What the alert gives is what a user passes on.
+    let pid = as_u64(&alert["pid"]).to_string();
+    let cookie = as_u64(&alert["cookie"]).to_string();
+    let local = alert["local"].as_str().unwrap();
+    let exact = ["--pid", &pid, "--cookie", &cookie, "--local", local, "--remote", &remote];
+
+    // The cookie alone no longer ties an orphan to the process: refused, untouched.
+    let (code, refused) = kill(&["--pid", &pid, "--cookie", &cookie]);
+    assert_ne!(code, Some(0), "{refused}");
+    assert_eq!(refused["result"], "failed", "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("--remote together"), "{refused}");
+    // shutdown needs an fd the application no longer has; a dry run changes nothing either.
+    let (code, unsupported) = kill(&[&exact[..], &["--mode", "shutdown"]].concat());
+    assert_ne!(code, Some(0), "{unsupported}");
+    assert_eq!(unsupported["result"], "unsupported", "{unsupported}");
+    let (code, checked) = kill(&[&exact[..], &["--dry-run"]].concat());
+    assert_eq!((code, checked["result"].as_str()), (Some(0), Some("ok")), "{checked}");
+    assert!(checked["fd"].is_null() && checked["cookie"] == alert["cookie"], "{checked}");
+    agent.settle(DEADLINE);
+    assert!(
+        !agent.out.seen.iter().any(|v| is_event_for(
+            v,
+            "alert_cleared",
+            "closing_stalled",
+            &remote
+        )),
+        "the orphan was touched before it was destroyed"
+    );
+
+    let (code, done) = kill(&exact);
+    assert_eq!((code, done["result"].as_str()), (Some(0), Some("ok")), "{done}");
+    let clear = agent.wait_for("cleared", DEADLINE, |v| {
+        is_event_for(v, "alert_cleared", "closing_stalled", &remote)
+    });
+    assert_eq!(clear["why"], "socket_closed", "{clear}");
+}

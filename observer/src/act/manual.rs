@@ -1,6 +1,7 @@
 //! Ending one connection by hand (`observer kill`, and `s`/`d` in `observer top`): the socket is
 //! looked up afresh in the kernel's table and must be held by the given process and match every
-//! key given (cookie, addresses) before anything is done to it.
+//! key given (cookie, addresses) before anything is done to it. An orphan, which no process
+//! holds any more, must match all three keys.
 use std::net::SocketAddr;
 
 use observer_common::{TcpState, TcpStates};
@@ -13,7 +14,7 @@ use crate::{
         procfs::{self, ProcError, ProcessIdentity},
         sock_diag::{DiagSocket, DiagSocketHandle},
     },
-    snapshot::{Identity, WorkloadOptions, workload::Resolver},
+    snapshot::{Identity, WorkloadOptions, is_orphan_entry, workload::Resolver},
 };
 
 /// Which connection to end, and how.
@@ -50,6 +51,11 @@ impl Request {
             remote: self.remote,
             ..Identity::of_none()
         }
+    }
+
+    /// Names one connection by every key: its cookie and both addresses.
+    fn names_exactly(&self) -> bool {
+        self.cookie.is_some() && self.local.is_some() && self.remote.is_some()
     }
 
     fn describe(&self) -> String {
@@ -105,19 +111,32 @@ fn resolve(request: &Request, workloads: &WorkloadOptions) -> Result<Resolved, B
             && request.local.is_none_or(|a| a == s.local.addr())
             && request.remote.is_none_or(|a| a == s.remote.addr())
     };
-    let Some(socket) = table.into_iter().find(|s| wanted(s) && owners.contains_key(&s.inode))
-    else {
+    let held = table.iter().position(|s| wanted(s) && owners.contains_key(&s.inode));
+    // An orphan (closed by its application, no fd left) cannot be tied to the process any
+    // more: only all three keys together make it provably the one asked for.
+    let orphan = || table.iter().position(|s| wanted(s) && is_orphan_entry(s));
+    let Some(at) = held.or_else(orphan) else {
         let msg = format!(
             "pid {pid} holds no TCP socket matching {}; nothing was touched",
             request.describe()
         );
         return Err(refuse(None, Outcome::AlreadyGone, msg));
     };
-    let owner = &owners[&socket.inode];
+    let socket = &table[at];
+    let fd = owners.get(&socket.inode).map(|owner| owner.fd);
+    if fd.is_none() && !request.names_exactly() {
+        let msg = format!(
+            "the connection matching {} is an orphan (its application closed it, no fd is \
+             left): give --cookie, --local and --remote together, as its alert has them; \
+             nothing was touched",
+            request.describe()
+        );
+        return Err(refuse(None, Outcome::Failed, msg));
+    }
     let identity = Identity {
         pid: Some(pid),
         comm: Some(std::sync::Arc::from(process.comm.as_str())),
-        fd: Some(owner.fd),
+        fd,
         cookie: Some(socket.cookie),
         local: Some(socket.local.addr()),
         remote: Some(socket.remote.addr()),
@@ -131,7 +150,7 @@ fn resolve(request: &Request, workloads: &WorkloadOptions) -> Result<Resolved, B
         return Err(refuse(Some(identity), Outcome::Failed, msg));
     }
     let target = SocketRef {
-        holder: Some(Holder { pid, fd: owner.fd }),
+        holder: fd.map(|fd| Holder { pid, fd }),
         cookie: socket.cookie,
         local: socket.local.addr(),
         remote: socket.remote.addr(),

@@ -21,6 +21,7 @@ use crate::{
 
 mod collect;
 mod orphans;
+pub use orphans::is_orphan_entry;
 pub mod targets;
 pub mod workload;
 

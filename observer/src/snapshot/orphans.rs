@@ -11,7 +11,10 @@ use std::sync::Arc;
 use observer_common::TcpState;
 
 use super::{FormerOwner, Snapshot, SocketView};
-use crate::{fastmap::FastMap, kernel::probes::Activity};
+use crate::{
+    fastmap::FastMap,
+    kernel::{probes::Activity, sock_diag::DiagSocket},
+};
 
 /// What the last snapshot knew of owners, for the orphans of the next.
 #[derive(Default)]
@@ -28,13 +31,18 @@ pub struct Memory {
 /// The states a closed connection waits in for the peer to acknowledge its data and FIN, holding
 /// its buffers and retransmitting. (A closed one in FIN_WAIT2 has had everything acknowledged:
 /// the kernel keeps at most a small TIME_WAIT-like record of it, and only for tcp_fin_timeout.)
-fn closing(state: TcpState) -> bool {
+pub fn closing(state: TcpState) -> bool {
     matches!(state, TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing)
 }
 
 /// A socket no fd holds any more that still waits for its peer.
 pub fn is_orphan(socket: &SocketView) -> bool {
-    socket.owner.is_none() && socket.diag.inode == 0 && closing(socket.diag.state)
+    socket.owner.is_none() && is_orphan_entry(&socket.diag)
+}
+
+/// Whether a sock_diag entry is an orphan: no inode (no fd can hold it) and still closing.
+pub fn is_orphan_entry(diag: &DiagSocket) -> bool {
+    diag.inode == 0 && closing(diag.state)
 }
 
 impl Memory {
