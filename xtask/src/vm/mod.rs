@@ -98,6 +98,7 @@ const SCENARIOS: &[Suite] = &[
             "shutdown_unblocks_a_thread_blocked_in_read_with_eof_and_fins_the_client",
             "both_modes_end_a_connect_that_gets_no_answer_and_the_caller_sees_it_fail",
             "an_orphan_that_cannot_close_is_destroyed_and_shutdown_says_it_has_no_fd",
+            "kill_ends_an_orphan_only_when_named_by_cookie_and_both_addresses",
         ],
         once: true,
     },
