@@ -4,8 +4,8 @@
 use std::{io::Read, net::TcpStream, time::Duration};
 
 use observer_tests::{
-    Agent, Server, as_u64,
-    netns::{NetPair, SERVER_IP},
+    Agent, Scenario, Server, as_u64,
+    netns::{CLIENT_IP, NetPair, SERVER_IP},
     stalls::{full_listener, go_file, non_reader, watched_client},
     start_agent,
 };
@@ -108,6 +108,32 @@ fn connect_to_a_host_that_drops_syns_stalls_until_they_get_through() {
     caller.wait_for("connected", |v| v["event"] == "connected" && v["remote"] == remote);
     let clear = wait_event(&mut agent, "alert_cleared", "connect_stalled", "remote", &remote);
     assert_eq!(clear["why"], "activity_resumed", "{clear}");
+}
+
+#[test]
+fn a_call_to_another_hosts_service_on_the_callers_own_port_is_watched() {
+    // Services often all listen on one port (8080) and call each other on it. The agent skips
+    // a watched server's clients on loopback (they are other processes'), but a call the
+    // server itself makes to that port on another host is its own, and must be seen.
+    let net = NetPair::create();
+    let own = Server::start_in(Some(&net.client), &["--listen", &format!("{CLIENT_IP}:0")]);
+    let port = own.addr.port();
+    net.drop_syns_to(port);
+    let upstream = format!("{SERVER_IP}:{port}");
+    let go = go_file();
+    let go_path = go.display().to_string();
+    let args = ["client", "--go-file", &go_path, "--connect", &upstream];
+    let mut caller = Scenario::start_in(Some(&net.client), &args);
+    let pid = as_u64(&caller.wait_for("started", |v| v["event"] == "started")["pid"]) as u32;
+    let mut agent = start_agent(&[own.pid, pid], &["--stats-interval", "200ms"]);
+    // The listener is known (its port is in the dump filter) before the call goes out.
+    agent.settle(DEADLINE);
+    std::fs::write(&*go, b"go").unwrap();
+    let connecting =
+        caller.wait_for("connecting", |v| v["event"] == "connecting" && v["remote"] == upstream);
+
+    let alert = wait_event(&mut agent, "alert", "connect_stalled", "remote", &upstream);
+    assert_stalled_connect(&alert, pid, &connecting);
 }
 
 /// Checks a `closing_stalled` alert on an orphan of `server`.

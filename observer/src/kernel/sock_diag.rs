@@ -364,6 +364,7 @@ fn align4(n: usize) -> usize {
 
 const BC_JMP: u8 = 1;
 const BC_D_GE: u8 = 4;
+const BC_D_COND: u8 = 8;
 const BC_S_EQ: u8 = 11;
 const BC_D_EQ: u8 = 12;
 
@@ -373,10 +374,12 @@ const BC_D_EQ: u8 = 12;
 pub enum PortFilter {
     /// Keep a socket whose local or remote port is one of these (`--port`).
     Either(Vec<u16>),
-    /// Keep a socket whose local port is one of these, or whose remote port is none of them.
-    /// Given a server's listening ports, this drops the server's own clients on this host (on
-    /// loopback, say), which belong to other processes, and keeps everything of the server's.
-    NotClientOf(Vec<u16>),
+    /// Drop a socket whose remote end is one of these ports on a loopback address, unless its
+    /// local port is one of them too. Given a server's listening ports, this drops its clients
+    /// on loopback (load generators, health checks, sidecars), which belong to other processes,
+    /// and keeps everything of the server's, including its calls to other hosts' services on a
+    /// port it also listens on (8080 calling 8080).
+    NotLoopbackClientOf(Vec<u16>),
     /// Keep a socket whose remote port is at least `from` and below `to`: splits one dump into
     /// several that can run in parallel.
     RemotePorts { from: u16, to: u32 },
@@ -423,6 +426,32 @@ fn remote_at_least(port: u16) -> Vec<u8> {
     c
 }
 
+/// The remote address is in `prefix` (`prefix_len` bits of `addr`), any port. An IPv4 prefix
+/// also matches IPv4-mapped IPv6 addresses, as the kernel applies it.
+fn remote_in(addr: std::net::IpAddr, prefix_len: u8) -> Vec<u8> {
+    let (family, octets) = match addr {
+        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    // The op, then struct inet_diag_hostcond { family, prefix_len, (pad), int port }, then the
+    // address.
+    let len = 4 + 8 + octets.len();
+    let mut c = vec![BC_D_COND, len as u8];
+    c.extend_from_slice(&((len + 4) as u16).to_ne_bytes());
+    c.extend_from_slice(&[family, prefix_len, 0, 0]);
+    c.extend_from_slice(&(-1i32).to_ne_bytes());
+    c.extend(octets);
+    c
+}
+
+/// The remote address is a loopback one: 127.0.0.0/8 (plain or IPv4-mapped) or ::1.
+fn remote_loopback() -> Vec<u8> {
+    or(
+        remote_in(std::net::Ipv4Addr::new(127, 0, 0, 0).into(), 8),
+        remote_in(std::net::Ipv6Addr::LOCALHOST.into(), 128),
+    )
+}
+
 /// An empty program keeps everything; this one, "dport >= 0", too, where a fragment is needed.
 fn keep_all() -> Vec<u8> {
     remote_at_least(0)
@@ -434,9 +463,10 @@ impl PortFilter {
             PortFilter::Either(ports) if !ports.is_empty() => {
                 or(any_port(BC_S_EQ, ports), any_port(BC_D_EQ, ports))
             }
-            PortFilter::NotClientOf(ports) if !ports.is_empty() => {
-                or(any_port(BC_S_EQ, ports), not(any_port(BC_D_EQ, ports)))
-            }
+            PortFilter::NotLoopbackClientOf(ports) if !ports.is_empty() => or(
+                any_port(BC_S_EQ, ports),
+                or(not(any_port(BC_D_EQ, ports)), not(remote_loopback())),
+            ),
             PortFilter::RemotePorts { from, to } => {
                 let upper = match u16::try_from(*to) {
                     Ok(to) => not(remote_at_least(to)),
@@ -459,9 +489,16 @@ impl PortFilter {
     }
 }
 
-/// Runs `code` the way the kernel's inet_diag_bc_run does, for the tests.
+/// Runs `code` the way the kernel's inet_diag_bc_run does, for the tests, on a socket whose
+/// remote end is on loopback.
 #[cfg(test)]
 fn run_bytecode(code: &[u8], sport: u16, dport: u16) -> bool {
+    run_bytecode_to(code, sport, std::net::Ipv4Addr::LOCALHOST.into(), dport)
+}
+
+/// As `run_bytecode`, for a socket whose remote end is `daddr` port `dport`.
+#[cfg(test)]
+fn run_bytecode_to(code: &[u8], sport: u16, daddr: std::net::IpAddr, dport: u16) -> bool {
     let mut at = 0usize;
     let mut len = code.len() as isize;
     while len > 0 {
@@ -471,6 +508,7 @@ fn run_bytecode(code: &[u8], sport: u16, dport: u16) -> bool {
             BC_S_EQ => sport == u16::from_ne_bytes([op[6], op[7]]),
             BC_D_EQ => dport == u16::from_ne_bytes([op[6], op[7]]),
             BC_D_GE => dport >= u16::from_ne_bytes([op[6], op[7]]),
+            BC_D_COND => host_matches(&op[4..], daddr, dport),
             _ => true,
         };
         let step = if yes { op[1] as isize } else { u16::from_ne_bytes([op[2], op[3]]) as isize };
@@ -478,6 +516,36 @@ fn run_bytecode(code: &[u8], sport: u16, dport: u16) -> bool {
         at = (at as isize + step) as usize;
     }
     len == 0
+}
+
+/// inet_diag_bc_run's INET_DIAG_BC_D_COND, on `cond` (struct inet_diag_hostcond and address).
+#[cfg(test)]
+fn host_matches(cond: &[u8], daddr: std::net::IpAddr, dport: u16) -> bool {
+    let (family, prefix_len) = (cond[0], cond[1] as usize);
+    let port = i32::from_ne_bytes([cond[4], cond[5], cond[6], cond[7]]);
+    if port != -1 && port != i32::from(dport) {
+        return false;
+    }
+    let (entry_family, entry) = match daddr {
+        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let entry = match (family, entry_family) {
+        (f, e) if f == e => entry,
+        // An IPv4 condition on an IPv6 socket: only an IPv4-mapped address can match.
+        (f, _)
+            if f == libc::AF_INET as u8
+                && entry[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255] =>
+        {
+            entry[12..].to_vec()
+        }
+        _ => return false,
+    };
+    let want = &cond[8..];
+    (0..prefix_len).all(|bit| {
+        let mask = 0x80u8 >> (bit % 8);
+        entry[bit / 8] & mask == want[bit / 8] & mask
+    })
 }
 
 /// Which optional attributes a dump asks for.
@@ -705,7 +773,7 @@ mod tests {
 
     #[test]
     fn port_filter_keeps_the_servers_sockets_and_drops_its_local_clients() {
-        let filter = PortFilter::NotClientOf(vec![8080, 8443, 9000]);
+        let filter = PortFilter::NotLoopbackClientOf(vec![8080, 8443, 9000]);
         let code = filter.bytecode();
         // The server's accepted connections and listeners.
         assert!(run_bytecode(&code, 8080, 51000));
@@ -715,13 +783,24 @@ mod tests {
         // Clients of the server on this host: not its sockets.
         assert!(!run_bytecode(&code, 51000, 8080));
         assert!(!run_bytecode(&code, 51001, 8443));
-        let single = PortFilter::NotClientOf(vec![80]).bytecode();
+        let v6_loopback = std::net::Ipv6Addr::LOCALHOST.into();
+        let mapped = std::net::Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped().into();
+        assert!(!run_bytecode_to(&code, 51002, v6_loopback, 8080));
+        assert!(!run_bytecode_to(&code, 51003, mapped, 8080));
+        // Its calls to another host's service on a port it also listens on: its own.
+        let elsewhere: std::net::IpAddr = std::net::Ipv4Addr::new(10, 0, 0, 9).into();
+        assert!(run_bytecode_to(&code, 40000, elsewhere, 8080));
+        assert!(run_bytecode_to(&code, 40000, "fd00::9".parse().unwrap(), 8443));
+        assert!(run_bytecode_to(&code, 40000, "::ffff:10.0.0.9".parse().unwrap(), 8080));
+        assert!(run_bytecode_to(&code, 40000, "::2".parse().unwrap(), 8080));
+        let single = PortFilter::NotLoopbackClientOf(vec![80]).bytecode();
         assert!(
             run_bytecode(&single, 80, 1)
                 && !run_bytecode(&single, 1, 80)
                 && run_bytecode(&single, 1, 2)
+                && run_bytecode_to(&single, 1, elsewhere, 80)
         );
-        assert!(PortFilter::NotClientOf(vec![]).bytecode().is_empty());
+        assert!(PortFilter::NotLoopbackClientOf(vec![]).bytecode().is_empty());
     }
 
     #[test]
@@ -732,7 +811,7 @@ mod tests {
             assert_ne!(run_bytecode(&low, 80, dport), run_bytecode(&high, 80, dport), "{dport}");
         }
         let both = PortFilter::Both(
-            Box::new(PortFilter::NotClientOf(vec![8080])),
+            Box::new(PortFilter::NotLoopbackClientOf(vec![8080])),
             Box::new(PortFilter::RemotePorts { from: 32768, to: 65536 }),
         )
         .bytecode();
@@ -740,7 +819,7 @@ mod tests {
         assert!(!run_bytecode(&both, 8080, 1000), "outside the range");
         assert!(!run_bytecode(&both, 40000, 8080), "a client of the server");
         let open_ended = PortFilter::Both(
-            Box::new(PortFilter::NotClientOf(vec![])),
+            Box::new(PortFilter::NotLoopbackClientOf(vec![])),
             Box::new(PortFilter::RemotePorts { from: 0, to: 32768 }),
         )
         .bytecode();

@@ -209,9 +209,10 @@ impl Collector {
         if !self.ports.is_empty() {
             Some(PortFilter::Either(self.ports.clone()))
         } else if self.pids.is_some() && !self.listen_ports.is_empty() {
-            // A watched server's local clients belong to other processes: skip them. (A watched
-            // process that connects to its own listener has that end skipped too.)
-            Some(PortFilter::NotClientOf(self.listen_ports.clone()))
+            // A watched server's clients on loopback belong to other processes: skip them. (A
+            // watched process that connects to its own port over loopback has that end skipped
+            // too.)
+            Some(PortFilter::NotLoopbackClientOf(self.listen_ports.clone()))
         } else {
             None
         }
