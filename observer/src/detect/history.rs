@@ -187,13 +187,18 @@ fn checkpoint(socket: &SocketView, now_ns: u64) -> Checkpoint {
     }
 }
 
+/// The shortest span a CPU share is measured over. The kernel counts CPU time in clock ticks
+/// (10 ms): over 200 ms polls a share would jump by 0.05 CPUs a tick, and a process near the
+/// threshold would flap; over a second it is good to 0.01.
+const CPU_WINDOW_NS: u64 = 1_000_000_000;
+
 #[derive(Clone, Debug)]
 pub struct ProcessHistory {
     accept_errors: u64,
     pub last_accept_error_ns: Option<u64>,
     /// CPU time used and the snapshot time of the last poll that read it.
     cpu_sample: Option<(u64, u64)>,
-    /// CPUs used between the last two polls that read the CPU time (1.0: one whole CPU).
+    /// CPUs used over the last whole window of readings (1.0: one whole CPU).
     pub cpu: Option<f64>,
     pub generation: u32,
 }
@@ -216,15 +221,21 @@ impl ProcessHistory {
             self.last_accept_error_ns = Some(now_ns);
         }
         self.accept_errors = errors;
-        // A rate needs two readings: the CPU time is read only while the process is near its fd
-        // limit, so a gap in readings starts over.
-        self.cpu = match (self.cpu_sample, process.cpu_ns) {
-            (Some((before, then)), Some(now_cpu)) if now_ns > then => {
-                Some(now_cpu.saturating_sub(before) as f64 / (now_ns - then) as f64)
+        // A rate needs two readings at least CPU_WINDOW_NS apart; until then the last rate
+        // stands. The CPU time is read only while the process is near its fd limit, so a gap
+        // in readings starts over.
+        match (self.cpu_sample, process.cpu_ns) {
+            (Some((before, then)), Some(now_cpu)) => {
+                if now_ns >= then.saturating_add(CPU_WINDOW_NS) {
+                    self.cpu = Some(now_cpu.saturating_sub(before) as f64 / (now_ns - then) as f64);
+                    self.cpu_sample = Some((now_cpu, now_ns));
+                }
             }
-            _ => None,
-        };
-        self.cpu_sample = process.cpu_ns.map(|cpu| (cpu, now_ns));
+            (_, reading) => {
+                self.cpu = None;
+                self.cpu_sample = reading.map(|cpu| (cpu, now_ns));
+            }
+        }
     }
 }
 
@@ -298,6 +309,25 @@ mod tests {
         assert_eq!(h.cpu, None, "a gap starts over");
         h.update(&p(Some(22 * S)), NOW_NS + 4 * S, 5);
         assert_eq!(h.cpu, Some(2.0), "two threads spinning");
+    }
+
+    #[test]
+    fn cpu_share_over_short_polls_waits_for_a_whole_second_and_does_not_flap() {
+        const TICK: u64 = 10_000_000;
+        let p = |cpu_ns| ProcessView { cpu_ns: Some(cpu_ns), ..ProcessView::default() };
+        // 0.5 CPUs, read every 200 ms in whole ticks: 100 ms, then 110 ms, then 90 ms...
+        let mut h = ProcessHistory::new(&p(0), NOW_NS, 1);
+        let mut cpu = 0;
+        let mut shares = Vec::new();
+        for poll in 1..=15u64 {
+            cpu += if poll % 2 == 0 { 11 * TICK } else { 9 * TICK };
+            h.update(&p(cpu), NOW_NS + poll * S / 5, poll as u32 + 1);
+            shares.push(h.cpu);
+        }
+        assert_eq!(shares[..4], [None; 4], "no rate before a whole second");
+        for share in shares[4..].iter().map(|s| s.expect("a rate once a second has passed")) {
+            assert!((share - 0.5).abs() < 0.011, "within a tick per second: {share}");
+        }
     }
 
     #[test]
