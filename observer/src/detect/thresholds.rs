@@ -57,7 +57,7 @@ macro_rules! with_thresholds {
             spin_cpu: $crate::detect::thresholds::Cpus = $crate::detect::thresholds::Cpus(0.5),
                 "Alert `accept_spinning` when a process at its fd limit, with connections waiting \
                  in a listener's queue, used at least this much CPU (in CPUs, 0.5 = half of one) \
-                 over the last poll: its accept loop retries EMFILE without backing off. \
+                 over the last second: its accept loop retries EMFILE without backing off. \
                  Example: 0.8";
         }
     };
