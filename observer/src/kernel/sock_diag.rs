@@ -429,10 +429,7 @@ fn remote_at_least(port: u16) -> Vec<u8> {
 /// The remote address is in `prefix` (`prefix_len` bits of `addr`), any port. An IPv4 prefix
 /// also matches IPv4-mapped IPv6 addresses, as the kernel applies it.
 fn remote_in(addr: std::net::IpAddr, prefix_len: u8) -> Vec<u8> {
-    let (family, octets) = match addr {
-        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
-        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
-    };
+    let (family, octets) = family_and_octets(addr);
     // The op, then struct inet_diag_hostcond { family, prefix_len, (pad), int port }, then the
     // address.
     let len = 4 + 8 + octets.len();
@@ -442,6 +439,14 @@ fn remote_in(addr: std::net::IpAddr, prefix_len: u8) -> Vec<u8> {
     c.extend_from_slice(&(-1i32).to_ne_bytes());
     c.extend(octets);
     c
+}
+
+/// An address as sock_diag carries it: its address family and its bytes in network order.
+fn family_and_octets(addr: std::net::IpAddr) -> (u8, Vec<u8>) {
+    match addr {
+        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    }
 }
 
 /// The remote address is a loopback one: 127.0.0.0/8 (plain or IPv4-mapped) or ::1.
@@ -526,10 +531,7 @@ fn host_matches(cond: &[u8], daddr: std::net::IpAddr, dport: u16) -> bool {
     if port != -1 && port != i32::from(dport) {
         return false;
     }
-    let (entry_family, entry) = match daddr {
-        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
-        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
-    };
+    let (entry_family, entry) = family_and_octets(daddr);
     let entry = match (family, entry_family) {
         (f, e) if f == e => entry,
         // An IPv4 condition on an IPv6 socket: only an IPv4-mapped address can match.

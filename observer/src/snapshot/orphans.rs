@@ -31,7 +31,7 @@ pub struct Memory {
 /// The states a closed connection waits in for the peer to acknowledge its data and FIN, holding
 /// its buffers and retransmitting. (A closed one in FIN_WAIT2 has had everything acknowledged:
 /// the kernel keeps at most a small TIME_WAIT-like record of it, and only for tcp_fin_timeout.)
-pub fn closing(state: TcpState) -> bool {
+fn closing(state: TcpState) -> bool {
     matches!(state, TcpState::FinWait1 | TcpState::LastAck | TcpState::Closing)
 }
 

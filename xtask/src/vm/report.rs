@@ -162,9 +162,7 @@ pub fn problems(kernel: &Kernel, results: &VmResults) -> Vec<String> {
             };
             if let Some(after) = &run.hung {
                 // libtest runs one test at a time in name order: the first without a result hung.
-                let mut names: Vec<&str> = suite.tests.to_vec();
-                names.sort_unstable();
-                let stuck = names.into_iter().find(|t| !run.tests.contains_key(*t));
+                let stuck = suite.tests.iter().filter(|t| !run.tests.contains_key(**t)).min();
                 problems.push(format!(
                     "{} under {backend} hung{} and was killed {after} (the console lists its \
                      processes and blocked tasks)",
